@@ -1,0 +1,114 @@
+"""Who is calling: connection credentials (ingest) and the admin token.
+
+Connection secrets are stored as scrypt hashes (tens of milliseconds to check, on
+purpose). A successful check is remembered in memory for a minute, keyed by a
+SHA-256 of key and secret, so a busy connection pays for scrypt once a minute,
+not on every batch; ``active`` and the stored hash are still read on every call,
+so a deactivated or rotated connection is refused at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+CACHE_SECONDS = 60.0
+CACHE_SIZE = 4096
+FAILURES_ALLOWED = 20  # failed attempts per client address …
+FAILURE_WINDOW_SECONDS = 60.0  # … within this window before it gets 429s
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    key: str
+    secret: str
+
+
+def parse_basic(header: str | None) -> Credentials | None:
+    """HTTP Basic: ``key:secret`` (mParticle), or a Segment write key ``key.secret:``."""
+    if not header or header[:6].lower() != "basic ":
+        return None
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, _, password = decoded.partition(":")
+    if password:
+        return Credentials(user, password)
+    return from_write_key(user)
+
+
+def from_write_key(write_key: str | None) -> Credentials | None:
+    """A write key is ``<key>.<secret>``: Segment sends it alone, as the Basic user name."""
+    if not write_key:
+        return None
+    key, dot, secret = write_key.partition(".")
+    return Credentials(key, secret) if dot and key and secret else None
+
+
+def write_key(key: str, secret: str) -> str:
+    return f"{key}.{secret}"
+
+
+class ConnectionAuthCache:
+    def __init__(self, seconds: float = CACHE_SECONDS, size: int = CACHE_SIZE) -> None:
+        self._seconds = seconds
+        self._size = size
+        self._entries: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+
+    @staticmethod
+    def _fingerprint(credentials: Credentials) -> bytes:
+        return hashlib.sha256(f"{credentials.key}\n{credentials.secret}".encode()).digest()
+
+    def verified(self, credentials: Credentials, secret_hash: str) -> bool:
+        entry = self._entries.get(self._fingerprint(credentials))
+        if entry is None:
+            return False
+        stored_hash, expires = entry
+        return expires > time.monotonic() and hmac.compare_digest(stored_hash, secret_hash)
+
+    def remember(self, credentials: Credentials, secret_hash: str) -> None:
+        fingerprint = self._fingerprint(credentials)
+        self._entries[fingerprint] = (secret_hash, time.monotonic() + self._seconds)
+        self._entries.move_to_end(fingerprint)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
+class FailedAuthLimiter:
+    """Counts failed authentications per client address; too many → 429 for a while."""
+
+    def __init__(
+        self, allowed: int = FAILURES_ALLOWED, window: float = FAILURE_WINDOW_SECONDS
+    ) -> None:
+        self._allowed = allowed
+        self._window = window
+        self._failures: dict[str, list[float]] = {}
+
+    def _recent(self, client: str, now: float) -> list[float]:
+        times = [t for t in self._failures.get(client, []) if t > now - self._window]
+        if times:
+            self._failures[client] = times
+        else:
+            self._failures.pop(client, None)
+        return times
+
+    def blocked(self, client: str) -> bool:
+        return len(self._recent(client, time.monotonic())) >= self._allowed
+
+    def failed(self, client: str) -> None:
+        now = time.monotonic()
+        self._failures[client] = [*self._recent(client, now), now]
+        if len(self._failures) > 100_000:  # a flood of addresses: forget the oldest
+            self._failures.clear()
+
+
+def admin_token_ok(given: str | None, expected: str | None) -> bool:
+    if not given or not expected:
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())

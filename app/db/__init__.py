@@ -1,0 +1,1 @@
+"""Storage: SQLAlchemy models, engine factories, the repository (all SQL) and migrations."""
