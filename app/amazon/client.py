@@ -1,0 +1,56 @@
+"""The only code that talks to the Amazon Events API.
+
+One request per call, through the relay's shared HTTP client. It classifies
+nothing: ``results.read_response`` decides what the answer means.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+
+from app import metrics
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int | None  # None: no HTTP answer (timeout, connection error)
+    body: Any
+    retry_after: str | None
+    error: str | None = None
+
+
+async def send_events(
+    http: httpx.AsyncClient,
+    url: str,
+    *,
+    access_token: str,
+    client_id: str,
+    account_id: str,
+    body: bytes,
+) -> Answer:
+    headers = {
+        "Authorization": f"Bearer {access_token}",
+        "Amazon-Ads-ClientId": client_id,
+        "Amazon-Ads-AccountId": account_id,
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+    }
+    start = time.perf_counter()
+    try:
+        response = await http.post(url, content=body, headers=headers)
+    except httpx.HTTPError as failure:
+        metrics.AMAZON_REQUESTS.labels(status_class="error").inc()
+        return Answer(None, None, None, error=type(failure).__name__)
+    finally:
+        metrics.AMAZON_REQUEST_SECONDS.observe(time.perf_counter() - start)
+    metrics.AMAZON_REQUESTS.labels(status_class=metrics.status_class(response.status_code)).inc()
+    try:
+        parsed = orjson.loads(response.content) if response.content else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    return Answer(response.status_code, parsed, response.headers.get("retry-after"))

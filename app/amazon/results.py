@@ -1,0 +1,139 @@
+"""Reading Amazon's answer to one Events API request (pure; amazon-api.md §Responses).
+
+A 207 carries per-event outcomes; ``index`` is into the request's ``events``, and
+the delivery's index map turns it back into the inbound batch's index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+# Per-event codes worth sending again (alone); every other per-event error is final.
+RETRYABLE_EVENT_CODES = frozenset({"TOO_MANY_REQUESTS", "INTERNAL_ERROR"})
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+FINAL_STATUSES = frozenset({400, 403, 404})
+MAX_RETRY_AFTER = 3600.0
+
+
+class Verdict(StrEnum):
+    DONE = "done"  # every event has a final outcome
+    RETRY = "retry"  # send again later (all events, or the ones left)
+    REFRESH = "refresh"  # 401: refresh the access token and try once more
+    SPLIT = "split"  # 413: send the halves separately
+    FAILED = "failed"  # the request as a whole is refused for good
+
+
+@dataclass(frozen=True, slots=True)
+class EventResult:
+    index: int  # inbound index
+    ok: bool
+    code: str | None = None
+    message: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"index": self.index, "status": "ok" if self.ok else "rejected"}
+        if not self.ok:
+            result["code"] = self.code
+            result["message"] = self.message
+        return result
+
+
+@dataclass(slots=True)
+class Reading:
+    verdict: Verdict
+    results: list[EventResult] = field(default_factory=list)
+    # positions (in the request's events) still to send, for a partial retry
+    pending_positions: list[int] = field(default_factory=list)
+    retry_after: float | None = None
+    error: str | None = None
+
+
+def retry_after_seconds(header: str | None) -> float | None:
+    """Retry-After in seconds (capped at an hour); HTTP dates are not used by Amazon."""
+    if not header:
+        return None
+    try:
+        seconds = float(header.strip())
+    except ValueError:
+        return None
+    if seconds != seconds or seconds < 0:
+        return None
+    return min(seconds, MAX_RETRY_AFTER)
+
+
+def _error_text(body: Any) -> str:
+    if isinstance(body, dict):
+        return f"{body.get('code', '')}: {body.get('message', '')}".strip(": ")[:500]
+    return ""
+
+
+def read_response(
+    status: int | None, body: Any, retry_after: str | None, index_map: list[int]
+) -> Reading:
+    """What to do after Amazon answered ``status`` (None: no answer at all)."""
+    if status is None:
+        return Reading(
+            Verdict.RETRY,
+            pending_positions=list(range(len(index_map))),
+            error="no answer (timeout or connection error)",
+        )
+    if status == 207 and isinstance(body, dict):
+        return _read_multi_status(body, index_map)
+    if status == 401:
+        return Reading(Verdict.REFRESH, error=_error_text(body) or "unauthorized")
+    if status == 413:
+        return Reading(Verdict.SPLIT, error="request too large")
+    if status in RETRYABLE_STATUSES or status >= 500:
+        return Reading(
+            Verdict.RETRY,
+            pending_positions=list(range(len(index_map))),
+            retry_after=retry_after_seconds(retry_after),
+            error=f"HTTP {status} {_error_text(body)}".strip(),
+        )
+    if 200 <= status < 300:
+        # A 2xx that is not a readable 207: every outcome unknown, so resend later.
+        return Reading(
+            Verdict.RETRY,
+            pending_positions=list(range(len(index_map))),
+            error=f"HTTP {status} without per-event results",
+        )
+    return Reading(Verdict.FAILED, error=f"HTTP {status} {_error_text(body)}".strip())
+
+
+def _read_multi_status(body: dict[str, Any], index_map: list[int]) -> Reading:
+    seen: dict[int, EventResult] = {}
+    retry: set[int] = set()
+    for item in body.get("success") or []:
+        position = item.get("index") if isinstance(item, dict) else None
+        if isinstance(position, int) and 0 <= position < len(index_map):
+            seen[position] = EventResult(index_map[position], ok=True)
+    for item in body.get("error") or []:
+        position = item.get("index") if isinstance(item, dict) else None
+        if not isinstance(position, int) or not 0 <= position < len(index_map):
+            continue
+        errors = item.get("errors") or [{}]
+        first = errors[0] if isinstance(errors[0], dict) else {}
+        codes = {e.get("code") for e in errors if isinstance(e, dict)}
+        if codes & RETRYABLE_EVENT_CODES and not (codes - RETRYABLE_EVENT_CODES):
+            retry.add(position)
+            seen.pop(position, None)
+            continue
+        seen[position] = EventResult(
+            index_map[position],
+            ok=False,
+            code=str(first.get("code") or "UNKNOWN"),
+            message=str(first.get("message") or "")[:500],
+        )
+    # An index in neither array has an unknown outcome: it is sent again.
+    pending = sorted(retry | {p for p in range(len(index_map)) if p not in seen})
+    results = [seen[p] for p in sorted(seen)]
+    if pending:
+        return Reading(
+            Verdict.RETRY,
+            results=results,
+            pending_positions=pending,
+            error="some events had no final outcome",
+        )
+    return Reading(Verdict.DONE, results=results)

@@ -1,0 +1,1 @@
+"""HTTP routes: ingest, admin, Login with Amazon, operations."""

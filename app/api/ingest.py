@@ -1,0 +1,306 @@
+"""Ingest routes, wire-compatible with mParticle's Events API and Segment's Tracking API.
+
+The connection's credentials decide the output; nothing in the request chooses it.
+A batch is answered only after its deliveries are committed; on any error nothing of
+it is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+import zlib
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+
+from app import jsonutil, metrics
+from app.api.deps import ApiError, RuntimeDep, read_body, transaction
+from app.auth import Credentials, from_write_key, parse_basic
+from app.db import repository as repo
+from app.db.base import utcnow
+from app.db.models import Connection, Delivery, DeliveryStatus, Output
+from app.errors import PayloadError
+from app.ingest import BatchSummary, accept_batch
+from app.runtime import Runtime
+from app.sources import adapter
+
+router = APIRouter(tags=["ingest"])
+
+KIB = 1024
+LIMITS = {"events": 256 * KIB, "bulk": 1024 * KIB, "segment": 512 * KIB, "records": 32 * 1024 * KIB}
+MAX_BULK_BATCHES = 100
+MAX_WAIT_SECONDS = 30.0
+SEGMENT_TYPES = ("track", "page", "screen", "identify", "group", "alias")
+
+
+async def _connection(
+    request: Request, rt: Runtime, source: str, credentials: Credentials | None
+) -> tuple[Connection, Output]:
+    client = request.client.host if request.client else "unknown"
+    if rt.limiter.blocked(client):
+        raise ApiError(
+            429,
+            "too_many_failures",
+            "too many failed attempts; try later",
+            headers={"Retry-After": "60"},
+        )
+    unauthorized = ApiError(
+        401,
+        "unauthorized",
+        "missing or wrong connection key and secret",
+        headers={"WWW-Authenticate": 'Basic realm="relay"'},
+    )
+    if credentials is None:
+        rt.limiter.failed(client)
+        raise unauthorized
+    async with transaction(rt) as session:
+        connection = await repo.get_connection_by_key(session, credentials.key)
+        if connection is None or not rt.auth_cache.verified(credentials, connection.secret_hash):
+            connection = await repo.authenticate_connection(
+                session, credentials.key, credentials.secret
+            )
+            if connection is None:
+                rt.limiter.failed(client)
+                raise unauthorized
+            rt.auth_cache.remember(credentials, connection.secret_hash)
+        if not connection.active:
+            raise ApiError(403, "connection_inactive", "this connection is not active")
+        if connection.source != source:
+            raise ApiError(
+                403, "wrong_source", f"this connection takes {connection.source} data, not {source}"
+            )
+        output = await repo.get_output(session, connection.output_id)
+        if output is None:  # pragma: no cover - deleting an output deletes its connections
+            raise unauthorized
+        return connection, output
+
+
+def _count(source: str, summary: BatchSummary) -> None:
+    metrics.EVENTS_RECEIVED.labels(source=source).inc(summary.received)
+    metrics.EVENTS_FORWARDED.labels(source=source).inc(summary.accepted)
+    for reason, count in summary.drop_reasons.items():
+        metrics.EVENTS_DROPPED.labels(source=source, reason=reason).inc(count)
+    if summary.custom_data_skipped:
+        metrics.CUSTOM_DATA_SKIPPED.labels(source=source).inc(summary.custom_data_skipped)
+    metrics.BATCH_EVENTS.observe(summary.received)
+
+
+async def _accept(
+    rt: Runtime, connection: Connection, output: Output, payloads: list[Any]
+) -> list[BatchSummary]:
+    now = utcnow()
+    async with transaction(rt) as session:
+        summaries = [
+            await accept_batch(session, output=output, connection=connection, payload=p, now=now)
+            for p in payloads
+        ]
+    for summary in summaries:
+        _count(connection.source, summary)
+    if any(summary.deliveries for summary in summaries):
+        rt.dispatcher.wake()
+    return summaries
+
+
+def _outcome(delivery: Delivery) -> dict[str, Any]:
+    return {
+        "id": delivery.id,
+        "status": delivery.status,
+        "attempts": delivery.attempts,
+        "http_status": delivery.last_status_code,
+        "error": delivery.last_error,
+        "results": delivery.results,
+    }
+
+
+async def _wait_for_first_attempt(rt: Runtime, ids: list[str], seconds: float) -> dict[str, Any]:
+    """Each delivery's state once it was tried once (or when ``seconds`` run out)."""
+    deadline = time.monotonic() + min(seconds, MAX_WAIT_SECONDS)
+    while True:
+        async with transaction(rt) as session:
+            deliveries = await repo.get_deliveries(session, ids)
+        tried = all(
+            d.status != DeliveryStatus.IN_FLIGHT
+            and (d.attempts > 0 or d.status != DeliveryStatus.PENDING)
+            for d in deliveries
+        )
+        if tried or time.monotonic() >= deadline:
+            return {d.id: _outcome(d) for d in deliveries}
+        await asyncio.sleep(0.02)
+
+
+async def _answer(
+    rt: Runtime,
+    summaries: list[BatchSummary],
+    wait: float | None,
+    *,
+    bulk: bool = False,
+    extra: dict[str, Any] | None = None,
+    status: int = 202,
+) -> JSONResponse:
+    bodies = [summary.as_dict() for summary in summaries]
+    if wait:
+        ids = [i for summary in summaries for i in summary.deliveries]
+        outcome = await _wait_for_first_attempt(rt, ids, wait)
+        for body, summary in zip(bodies, summaries, strict=True):
+            body["outcome"] = {i: outcome[i] for i in summary.deliveries if i in outcome}
+    content: dict[str, Any] = {"batches": bodies} if bulk else bodies[0]
+    return JSONResponse({**(extra or {}), **content}, status_code=status)
+
+
+def _decode_json(body: bytes) -> Any:
+    try:
+        return jsonutil.loads(body)
+    except jsonutil.InvalidJSONError as error:
+        raise PayloadError(f"body is not valid JSON: {error}") from None
+
+
+# --- mParticle -------------------------------------------------------------------------
+
+WaitQuery = Query(
+    default=None,
+    ge=0,
+    le=MAX_WAIT_SECONDS,
+    description="answer after the first delivery attempt, waiting at most this long",
+)
+
+
+@router.post("/v2/events", status_code=202, summary="One mParticle batch (Events API v2)")
+async def mparticle_events(
+    request: Request, rt: RuntimeDep, wait: float | None = WaitQuery
+) -> JSONResponse:
+    credentials = parse_basic(request.headers.get("authorization"))
+    connection, output = await _connection(request, rt, "mparticle", credentials)
+    payload = _decode_json(await read_body(request, LIMITS["events"]))
+    adapter("mparticle").parse(payload)  # shape errors → 400 before anything is stored
+    summaries = await _accept(rt, connection, output, [payload])
+    return await _answer(rt, summaries, wait)
+
+
+@router.post("/v2/bulkevents", status_code=202, summary="Up to 100 mParticle batches")
+async def mparticle_bulk(
+    request: Request, rt: RuntimeDep, wait: float | None = WaitQuery
+) -> JSONResponse:
+    credentials = parse_basic(request.headers.get("authorization"))
+    connection, output = await _connection(request, rt, "mparticle", credentials)
+    payload = _decode_json(await read_body(request, LIMITS["bulk"]))
+    if not isinstance(payload, list):
+        raise PayloadError("bulk body must be a JSON array of batches")
+    if len(payload) > MAX_BULK_BATCHES:
+        raise PayloadError(f"bulk body has {len(payload)} batches; at most {MAX_BULK_BATCHES}")
+    for position, batch in enumerate(payload):
+        try:
+            adapter("mparticle").parse(batch)
+        except PayloadError as error:
+            raise PayloadError(f"batch {position}: {error.message}") from None
+    summaries = await _accept(rt, connection, output, payload)
+    return await _answer(rt, summaries, wait, bulk=True)
+
+
+# --- Segment spec ----------------------------------------------------------------------
+
+
+def _check_signature(
+    rt: Runtime, connection: Connection, body: bytes, payload: Any, signature: str | None
+) -> None:
+    secret = repo.shared_secret_of(rt.keyring, connection)
+    if secret is None:
+        return
+    if not signature:
+        raise ApiError(401, "signature_required", "X-Signature header is required")
+    candidates = [body]
+    if isinstance(payload, list) and payload:
+        # Segment's batched webhooks sign the first message of the array.
+        candidates += [jsonutil.dumps(payload[0]), jsonutil.canonical_text(payload[0]).encode()]
+    key = secret.reveal().encode()
+    given = signature.strip().lower()
+    if not any(
+        hmac.compare_digest(hmac.new(key, data, hashlib.sha1).hexdigest(), given)
+        for data in candidates
+    ):
+        raise ApiError(401, "bad_signature", "X-Signature does not match the body")
+
+
+def _inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """A gzip body (Segment's and RudderStack's libraries may send one), inflated.
+
+    The limit applies to the inflated body too, so a small bomb cannot grow past it.
+    """
+    coding = (encoding or "").strip().lower()
+    if coding in ("", "identity"):
+        return body
+    if coding not in ("gzip", "x-gzip"):
+        raise ApiError(415, "unsupported_encoding", f"Content-Encoding {coding!r} is not supported")
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error:
+        raise PayloadError("body is not valid gzip") from None
+    if len(data) > limit:
+        raise ApiError(413, "body_too_large", f"inflated body is larger than {limit} bytes")
+    return data
+
+
+async def _segment(
+    request: Request, rt: Runtime, wait: float | None, message_type: str | None
+) -> JSONResponse:
+    body = _inflate(
+        await read_body(request, LIMITS["segment"]),
+        request.headers.get("content-encoding"),
+        LIMITS["segment"],
+    )
+    payload = _decode_json(body)
+    credentials = parse_basic(request.headers.get("authorization"))
+    if credentials is None and isinstance(payload, dict):
+        credentials = from_write_key(payload.get("writeKey"))
+    connection, output = await _connection(request, rt, "segment", credentials)
+    _check_signature(rt, connection, body, payload, request.headers.get("x-signature"))
+    if message_type is not None:
+        if not isinstance(payload, dict):
+            raise PayloadError(f"/v1/{message_type} takes one message object")
+        payload = {**payload, "type": payload.get("type") or message_type}
+    adapter("segment").parse(payload)
+    summaries = await _accept(rt, connection, output, [payload])
+    return await _answer(rt, summaries, wait, extra={"success": True}, status=200)
+
+
+@router.post("/v1/batch", summary="Segment batch: {batch, context} or a bare array")
+async def segment_batch(
+    request: Request, rt: RuntimeDep, wait: float | None = WaitQuery
+) -> JSONResponse:
+    return await _segment(request, rt, wait, None)
+
+
+def _segment_route(message_type: str) -> None:
+    async def handler(
+        request: Request, rt: RuntimeDep, wait: float | None = WaitQuery
+    ) -> JSONResponse:
+        return await _segment(request, rt, wait, message_type)
+
+    handler.__name__ = f"segment_{message_type}"
+    router.add_api_route(
+        f"/v1/{message_type}",
+        handler,
+        methods=["POST"],
+        summary=f"One Segment {message_type} message",
+    )
+
+
+for _type in SEGMENT_TYPES:
+    _segment_route(_type)
+
+
+# --- flat records ----------------------------------------------------------------------
+
+
+@router.post("/v1/records", status_code=202, summary="Flat conversion records (JSON, NDJSON, CSV)")
+async def records(request: Request, rt: RuntimeDep, wait: float | None = WaitQuery) -> JSONResponse:
+    credentials = parse_basic(request.headers.get("authorization"))
+    connection, output = await _connection(request, rt, "records", credentials)
+    body = await read_body(request, LIMITS["records"])
+    payload = adapter("records").decode(body, request.headers.get("content-type"))
+    summaries = await _accept(rt, connection, output, [payload])
+    return await _answer(rt, summaries, wait)

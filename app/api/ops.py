@@ -1,0 +1,43 @@
+"""Operations: liveness, readiness, metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from app import metrics
+from app.api.deps import RuntimeDep, transaction
+from app.db import repository as repo
+from app.db.base import utcnow
+from app.db.migrate import at_head
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="The process is up")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="The database is reachable and migrated")
+async def readyz(rt: RuntimeDep, response: Response) -> dict[str, str]:
+    try:
+        ready = await at_head(rt.engine)
+    except Exception:  # any database error means "not ready", never a 500
+        ready = False
+    if not ready:
+        response.status_code = 503
+        return {"status": "unavailable"}
+    return {"status": "ok"}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def prometheus(rt: RuntimeDep) -> Response:
+    queue = None
+    try:
+        async with transaction(rt) as session:
+            depth = await repo.queue_depth(session)
+            oldest = await repo.oldest_pending_age(session, now=utcnow())
+        queue = metrics.QueueGauges(depth, oldest)
+    except Exception:  # the database being away must not hide the other metrics
+        queue = None
+    return Response(metrics.render(queue), media_type="text/plain; version=0.0.4; charset=utf-8")

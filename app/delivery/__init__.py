@@ -1,0 +1,1 @@
+"""Durable delivery: the queue policy and the dispatcher that drains it."""

@@ -1,0 +1,382 @@
+"""The dispatcher: claims due deliveries and sends each as one Events API request.
+
+Runs inside every ``relay serve`` process. Claims are short transactions with a
+lease (``repository.claim_due``: SKIP LOCKED on PostgreSQL), the request is sent
+outside any transaction, and the outcome is written in another short transaction
+that only succeeds while this process still holds the lease. A process that dies
+loses nothing: its leases run out and another process claims the work again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+import orjson
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app import lwa, metrics
+from app.amazon.client import Answer, send_events
+from app.amazon.endpoints import Endpoints
+from app.amazon.results import Reading, Verdict, read_response
+from app.crypto import SecretText
+from app.db import repository as repo
+from app.db.base import utcnow
+from app.db.models import Delivery, DeliveryStatus, Output
+from app.delivery.policy import FIRST_DELAY, MAX_DELAY, backoff_seconds
+from app.logs import get_logger
+from app.tokens import NotLoggedInError, TokenService
+
+log = get_logger(__name__)
+
+IDLE_POLL_SECONDS = 1.0  # other processes may queue work this one is not told about
+
+
+@dataclass(frozen=True, slots=True)
+class DispatcherConfig:
+    client_id: str
+    max_age_seconds: float
+    lease_seconds: float
+    concurrency: int = 16
+    shutdown_grace_seconds: float = 10.0
+    # The backoff policy (service.md: first retry after 1 s, doubling, capped at 5 min);
+    # injectable so tests exercise the real policy at a faster pace.
+    first_retry_seconds: float = FIRST_DELAY
+    max_retry_seconds: float = MAX_DELAY
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()[:40]}:{os.getpid()}"
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        http: httpx.AsyncClient,
+        tokens: TokenService,
+        endpoints: Endpoints,
+        config: DispatcherConfig,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        rng: random.Random | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self._sessionmaker = sessionmaker
+        self._http = http
+        self._tokens = tokens
+        self._endpoints = endpoints
+        self._config = config
+        self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        self.worker_id = worker_id or worker_name()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(config.concurrency)
+        self._task: asyncio.Task[None] | None = None
+
+    # --- life cycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="relay-dispatcher")
+
+    def wake(self) -> None:
+        """New work was queued by this process: claim now instead of at the next poll."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop claiming; let in-flight sends finish for a while, then hand back the rest."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._in_flight:
+            _, pending = await asyncio.wait(
+                self._in_flight, timeout=self._config.shutdown_grace_seconds
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        async with self._sessionmaker() as session, session.begin():
+            released = await repo.release(session, self.worker_id, now=self._clock())
+        if released:
+            log.info("dispatcher_released", deliveries=released)
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            # Cleared before the claim, not after it: a wake() that comes while this
+            # round claims or plans its sleep must cut that sleep short, not be lost.
+            self._wake.clear()
+            try:
+                claimed = await self._claim()
+            except Exception:  # the database may be away for a while: keep trying
+                log.exception("dispatcher_claim_failed")
+                claimed = []
+                await asyncio.sleep(IDLE_POLL_SECONDS)
+            for delivery, output in claimed:
+                task = asyncio.create_task(self._send_one(delivery, output))
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+            if not claimed:
+                await self._idle()
+
+    async def _idle(self) -> None:
+        delay = IDLE_POLL_SECONDS
+        with contextlib.suppress(Exception):
+            async with self._sessionmaker() as session:
+                due = await repo.next_due_at(session)
+            if due is not None:
+                delay = min(delay, max((due - self._clock()).total_seconds(), 0.0))
+        if self._slots.locked():
+            delay = max(delay, 0.01)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=max(delay, 0.005))
+
+    async def _claim(self) -> list[tuple[Delivery, Output]]:
+        free = self._config.concurrency - len(self._in_flight)
+        if free <= 0:
+            await asyncio.sleep(0.005)
+            return []
+        async with self._sessionmaker() as session, session.begin():
+            now = self._clock()
+            deliveries = await repo.claim_due(
+                session, self.worker_id, free, now, self._config.lease_seconds
+            )
+            outputs: dict[str, Output] = {}
+            for delivery in deliveries:
+                if delivery.output_id not in outputs:
+                    output = await repo.get_output(session, delivery.output_id)
+                    if output is not None:
+                        outputs[output.id] = output
+        return [(d, outputs[d.output_id]) for d in deliveries if d.output_id in outputs]
+
+    # --- one delivery ------------------------------------------------------------------
+
+    async def _send_one(self, delivery: Delivery, output: Output) -> None:
+        try:
+            await self._deliver(delivery, output)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # never lose the delivery: its lease brings it back
+            log.exception("delivery_crashed", delivery_id=delivery.id)
+
+    def _too_old(self, delivery: Delivery, now: datetime) -> bool:
+        return (now - delivery.queued_at).total_seconds() > self._config.max_age_seconds
+
+    async def _deliver(self, delivery: Delivery, output: Output) -> None:
+        try:
+            token = await self._tokens.access_token(output.id, output.region)
+        except lwa.InvalidGrantError:
+            # The output is needs_reauth now: hand the delivery back uncounted; it waits.
+            await self._release(delivery, "reauth")
+            return
+        except NotLoggedInError:
+            await self._release(delivery, "reauth")
+            return
+        except lwa.LwaError as error:
+            await self._retry(delivery, None, None, error=f"token refresh failed: {error}")
+            return
+        answer = await self._send(delivery, output, token)
+        reading = read_response(answer.status, answer.body, answer.retry_after, delivery.index_map)
+        if reading.verdict is Verdict.REFRESH:
+            # One refresh and one resend (service.md: 401 → refresh, retry once).
+            try:
+                token = await self._tokens.access_token(output.id, output.region, stale=token)
+            except lwa.InvalidGrantError:
+                await self._release(delivery, "reauth")
+                return
+            except (lwa.LwaError, NotLoggedInError) as error:
+                await self._retry(delivery, 401, None, error=f"token refresh failed: {error}")
+                return
+            answer = await self._send(delivery, output, token)
+            reading = read_response(
+                answer.status, answer.body, answer.retry_after, delivery.index_map
+            )
+            if reading.verdict is Verdict.REFRESH:
+                reading = Reading(
+                    Verdict.RETRY,
+                    pending_positions=list(range(delivery.event_count)),
+                    error="401 after a fresh token",
+                )
+        await self._record(delivery, answer, reading)
+
+    async def _send(self, delivery: Delivery, output: Output, token: SecretText) -> Answer:
+        return await send_events(
+            self._http,
+            self._endpoints.events(output.region),
+            access_token=token.reveal(),
+            client_id=self._config.client_id,
+            account_id=output.advertiser_id,
+            body=delivery.body,
+        )
+
+    async def _record(self, delivery: Delivery, answer: Answer, reading: Reading) -> None:
+        for result in reading.results:
+            if not result.ok:
+                metrics.EVENTS_REJECTED.labels(code=result.code or "UNKNOWN").inc()
+        results = [*(delivery.results or []), *(r.as_dict() for r in reading.results)]
+        if reading.verdict is Verdict.DONE:
+            ok = sum(1 for r in results if r.get("status") == "ok")
+            status = (
+                DeliveryStatus.DELIVERED
+                if ok == len(results)
+                else DeliveryStatus.FAILED
+                if ok == 0
+                else DeliveryStatus.PARTIAL
+            )
+            await self._complete(delivery, status, answer.status, results, None)
+        elif reading.verdict is Verdict.FAILED:
+            await self._complete(
+                delivery, DeliveryStatus.FAILED, answer.status, results, reading.error
+            )
+        elif reading.verdict is Verdict.SPLIT and delivery.event_count > 1:
+            await self._split(delivery)
+        else:
+            await self._retry(
+                delivery,
+                answer.status,
+                reading,
+                results=results,
+                error=reading.error or answer.error,
+            )
+
+    async def _complete(
+        self,
+        delivery: Delivery,
+        status: DeliveryStatus,
+        status_code: int | None,
+        results: list[dict[str, Any]],
+        error: str | None,
+    ) -> None:
+        async with self._sessionmaker() as session, session.begin():
+            held = await repo.complete(
+                session,
+                delivery.id,
+                worker_id=self.worker_id,
+                now=self._clock(),
+                status=status,
+                status_code=status_code,
+                results=results,
+                error=error,
+            )
+        metrics.DELIVERIES.labels(outcome=status.value if held else "lost_lease").inc()
+        log.info(
+            "delivery_done",
+            delivery_id=delivery.id,
+            status=status.value,
+            events=delivery.event_count,
+            http_status=status_code,
+        )
+
+    async def _retry(
+        self,
+        delivery: Delivery,
+        status_code: int | None,
+        reading: Reading | None,
+        *,
+        results: list[dict[str, Any]] | None = None,
+        error: str | None = None,
+    ) -> None:
+        now = self._clock()
+        body = index_map = None
+        if reading is not None and 0 < len(reading.pending_positions) < delivery.event_count:
+            # Only the events without a final outcome are sent again, unchanged.
+            events = orjson.loads(delivery.body)["events"]
+            body = orjson.dumps({"events": [events[p] for p in reading.pending_positions]})
+            index_map = [delivery.index_map[p] for p in reading.pending_positions]
+        async with self._sessionmaker() as session, session.begin():
+            if self._too_old(delivery, now):
+                await repo.mark_dead(
+                    session,
+                    delivery.id,
+                    now=now,
+                    worker_id=self.worker_id,
+                    status_code=status_code,
+                    error=error,
+                )
+                outcome = "dead"
+            else:
+                delay = backoff_seconds(
+                    delivery.attempts,
+                    reading.retry_after if reading else None,
+                    self._rng,
+                    first=self._config.first_retry_seconds,
+                    cap=self._config.max_retry_seconds,
+                )
+                await repo.reschedule(
+                    session,
+                    delivery.id,
+                    worker_id=self.worker_id,
+                    now=now,
+                    next_attempt_at=now + timedelta(seconds=delay),
+                    status_code=status_code,
+                    error=error,
+                    results=results,
+                    body=body,
+                    index_map=index_map,
+                )
+                outcome = "retry"
+        if outcome == "retry":
+            # The claim loop may be asleep for a whole poll interval, planned while this
+            # delivery was in flight: let it plan again around the new next_attempt_at,
+            # or a retry due in 1 s (or after a Retry-After of 0) waits for the next poll.
+            self.wake()
+        metrics.DELIVERIES.labels(outcome=outcome).inc()
+        log.info(
+            "delivery_retry" if outcome == "retry" else "delivery_dead",
+            delivery_id=delivery.id,
+            attempts=delivery.attempts,
+            http_status=status_code,
+            error=error,
+        )
+
+    async def _release(self, delivery: Delivery, outcome: str) -> None:
+        async with self._sessionmaker() as session, session.begin():
+            await repo.release(
+                session, self.worker_id, now=self._clock(), delivery_ids=[delivery.id]
+            )
+        metrics.DELIVERIES.labels(outcome=outcome).inc()
+
+    async def _split(self, delivery: Delivery) -> None:
+        """413: the first half stays in this delivery, the second becomes a new one."""
+        events = orjson.loads(delivery.body)["events"]
+        half = len(events) // 2
+        now = self._clock()
+        async with self._sessionmaker() as session, session.begin():
+            await repo.insert_deliveries(
+                session,
+                [
+                    repo.NewDelivery(
+                        output_id=delivery.output_id,
+                        source=delivery.source,
+                        body=orjson.dumps({"events": events[half:]}),
+                        index_map=delivery.index_map[half:],
+                        connection_id=delivery.connection_id,
+                    )
+                ],
+                now=now,
+                batch_id=delivery.batch_id,
+            )
+            await repo.reschedule(
+                session,
+                delivery.id,
+                worker_id=self.worker_id,
+                now=now,
+                next_attempt_at=now,
+                status_code=413,
+                error="split in two: request too large",
+                body=orjson.dumps({"events": events[:half]}),
+                index_map=delivery.index_map[:half],
+            )
+        metrics.DELIVERIES.labels(outcome="split").inc()
+        self.wake()

@@ -1,0 +1,83 @@
+"""Accepting an inbound batch: map it and queue its deliveries in one transaction.
+
+Either every Events API request of the batch is durably queued, or (any error)
+nothing is: the caller's transaction commits after this returns, and the client
+is answered only after the commit.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.amazon.settings import OutputSettings
+from app.db import repository as repo
+from app.db.models import Connection, Output
+from app.pipeline import map_parsed
+
+
+@dataclass(slots=True)
+class BatchSummary:
+    received: int
+    accepted: int
+    dropped: list[dict[str, Any]]
+    deliveries: list[str]
+    custom_data_skipped: int = 0
+    drop_reasons: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"accepted": self.accepted, "dropped": self.dropped, "deliveries": self.deliveries}
+
+
+@functools.lru_cache(maxsize=512)
+def _settings(output_id: str, updated_at: datetime, connection_id: str, raw: str) -> OutputSettings:
+    # Keyed by the output's updated_at: an edited output gets freshly validated settings.
+    return OutputSettings.from_mapping({**orjson.loads(raw), "connection_id": connection_id})
+
+
+def settings_for(output: Output, connection_id: str) -> OutputSettings:
+    raw = orjson.dumps(output.mapping_settings()).decode()
+    return _settings(output.id, output.updated_at, connection_id, raw)
+
+
+async def accept_batch(
+    session: AsyncSession,
+    *,
+    output: Output,
+    connection: Connection,
+    payload: Any,
+    now: datetime,
+) -> BatchSummary:
+    """Map ``payload`` (already decoded) and queue one delivery per Amazon request."""
+    source = connection.source
+    result = map_parsed(payload, source, settings=settings_for(output, connection.id), now=now)
+    dropped = [d.as_dict() for d in result.dropped]
+    items = [
+        repo.NewDelivery(
+            output_id=output.id,
+            source=source,
+            body=orjson.dumps(request),
+            index_map=index_map,
+            connection_id=connection.id,
+            # The batch's drops are kept with its first request, for the deliveries view.
+            dropped=dropped if position == 0 else None,
+        )
+        for position, (request, index_map) in enumerate(
+            zip(result.requests, result.index_maps, strict=True)
+        )
+    ]
+    ids = await repo.insert_deliveries(session, items, now=now)
+    return BatchSummary(
+        received=result.forwarded + len(result.dropped),
+        accepted=result.forwarded,
+        dropped=dropped,
+        deliveries=ids,
+        custom_data_skipped=result.custom_data_skipped,
+        drop_reasons=Counter(d.reason for d in result.dropped),
+    )

@@ -1,0 +1,166 @@
+"""The relay's ASGI application: ``create_app(settings)``. No logic lives here.
+
+The lifespan builds the process's runtime (database pool, one HTTP client, key
+ring, token service) and starts the dispatcher; shutdown stops claiming work and
+finishes or hands back what is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import __version__, metrics, web
+from app.api import admin, ingest, oauth, ops
+from app.api.deps import ApiError
+from app.config import Settings, load_settings
+from app.delivery.retention import prune_forever
+from app.errors import PayloadError, RelayError, SettingsError
+from app.logs import configure, get_logger
+from app.runtime import Runtime
+
+log = get_logger(__name__)
+
+INGEST_PATHS = frozenset(
+    {"/v2/events", "/v2/bulkevents", "/v1/batch", "/v1/records"}
+    | {f"/v1/{t}" for t in ingest.SEGMENT_TYPES}
+)
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+]
+
+
+class RequestContext:
+    """Pure ASGI: a request id in every log line, security headers, ingest latency."""
+
+    def __init__(self, app: ASGIApp, *, https: bool) -> None:
+        self.app = app
+        self.headers = list(SECURITY_HEADERS)
+        if https:
+            self.headers.append((b"strict-transport-security", b"max-age=31536000"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex[:16]
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        timed = scope["path"] in INGEST_PATHS
+        start = time.perf_counter()
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [
+                    *message.get("headers", []),
+                    *self.headers,
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            if timed:
+                metrics.INGEST_SECONDS.observe(time.perf_counter() - start)
+            structlog.contextvars.unbind_contextvars("request_id")
+
+
+def _problem(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message, **extra}, status_code=status)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, error: ApiError) -> JSONResponse:
+        response = _problem(error.status, error.code, error.message)
+        response.headers.update(error.headers)
+        return response
+
+    @app.exception_handler(SettingsError)
+    async def settings_error(_: Request, error: SettingsError) -> JSONResponse:
+        return _problem(422, error.code, error.message, field=error.field)
+
+    @app.exception_handler(PayloadError)
+    async def payload_error(_: Request, error: PayloadError) -> JSONResponse:
+        return _problem(400, error.code, error.message)
+
+    @app.exception_handler(RelayError)
+    async def relay_error(_: Request, error: RelayError) -> JSONResponse:
+        return _problem(error.status, error.code, error.message)
+
+    # The database is away or overloaded: a retryable 503, never a 500, and nothing
+    # was accepted (the transaction did not commit).
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(PoolTimeoutError)
+    @app.exception_handler(OSError)
+    async def storage_unavailable(_: Request, error: Exception) -> JSONResponse:
+        log.warning("storage_unavailable", error=type(error).__name__)
+        response = _problem(
+            503, "unavailable", "storage is unavailable; nothing was accepted, retry later"
+        )
+        response.headers["Retry-After"] = "5"
+        return response
+
+
+def create_app(settings: Settings | None = None, *, dispatcher: bool = True) -> FastAPI:
+    settings = settings or load_settings()
+    configure(settings.log_format)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = Runtime.build(settings)
+        app.state.runtime = runtime
+        if settings.admin_token is None:
+            log.warning("admin_api_off", hint="set RELAY_ADMIN_TOKEN to use the admin API and /ui/")
+        pruning = None
+        if dispatcher:
+            runtime.dispatcher.start()
+            if settings.retention_days > 0:
+                pruning = asyncio.create_task(
+                    prune_forever(runtime.sessionmaker, settings.retention_days)
+                )
+        try:
+            yield
+        finally:
+            if pruning is not None:
+                pruning.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pruning
+            if dispatcher:
+                await runtime.dispatcher.stop()
+            await runtime.close()
+
+    app = FastAPI(
+        title="Amazon CAPI relay",
+        version=__version__,
+        summary="Conversion events from mParticle, Segment-spec sources and flat records "
+        "to the Amazon Ads Events API.",
+        lifespan=lifespan,
+    )
+    add_error_handlers(app)
+    for router in (ops.router, ingest.router, admin.router, oauth.router, web.router):
+        app.include_router(router)
+    app.mount(web.STATIC_PATH, web.static_files(), name="ui-static")
+    app.add_middleware(web.UISessionMiddleware, settings=settings)
+    app.add_middleware(RequestContext, https=settings.public_url.startswith("https://"))
+    return app
+
+
+def app_factory() -> FastAPI:
+    """For ``uvicorn --factory app.main:app_factory`` and ``relay serve --workers N``."""
+    return create_app()
