@@ -51,7 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/mapper_bench.py
 
 proof: $(STAMP)
-	$(BIN)/pytest -q -m slow --run-slow
+	$(BIN)/pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
