@@ -1,7 +1,7 @@
 """Login with Amazon: the authorize URL, the code exchange and the refresh grant.
 
 Authlib provides the OAuth pieces (PKCE S256 challenge, random tokens, URL
-building). The token POSTs go through the relay's one shared httpx client rather
+building). The token POSTs go through the relay's one shared HTTP client (app/http.py) rather
 than Authlib's own client class, so there is one connection pool and one set of
 timeouts for everything the relay sends (docs/decisions/0004-login-with-amazon.md).
 """
@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 from authlib.common.security import generate_token
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from app.amazon.endpoints import SCOPE
 from app.errors import RelayError
+from app.http import HttpClient, TransportError
 
 
 class LwaError(RelayError):
@@ -81,27 +81,24 @@ def _tokens(answer: dict[str, Any]) -> Tokens:
     return Tokens(access, refresh if isinstance(refresh, str) and refresh else None, expires_in)
 
 
-async def _post(http: httpx.AsyncClient, url: str, form: dict[str, str]) -> Tokens:
+async def _post(http: HttpClient, url: str, form: dict[str, str]) -> Tokens:
     try:
-        response = await http.post(url, data=form, headers={"Accept": "application/json"})
-    except httpx.HTTPError as failure:
-        raise LwaError(f"token endpoint unreachable: {type(failure).__name__}") from None
-    try:
-        answer = response.json()
-    except ValueError:
-        answer = {}
+        response = await http.post(url, form=form, headers={"Accept": "application/json"})
+    except TransportError as failure:
+        raise LwaError(f"token endpoint unreachable: {failure}") from None
+    answer = response.json()
     if not isinstance(answer, dict):
         answer = {}
-    if response.status_code == 200:
+    if response.status == 200:
         return _tokens(answer)
-    error = str(answer.get("error") or f"HTTP {response.status_code}")
+    error = str(answer.get("error") or f"HTTP {response.status}")
     if error == "invalid_grant":
         raise InvalidGrantError(str(answer.get("error_description") or "invalid_grant"))
-    raise LwaError(f"token endpoint answered {response.status_code} {error}")
+    raise LwaError(f"token endpoint answered {response.status} {error}")
 
 
 async def exchange_code(
-    http: httpx.AsyncClient,
+    http: HttpClient,
     token_url: str,
     *,
     code: str,
@@ -125,7 +122,7 @@ async def exchange_code(
 
 
 async def refresh(
-    http: httpx.AsyncClient,
+    http: HttpClient,
     token_url: str,
     *,
     refresh_token: str,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.amazon.endpoints import Endpoints
@@ -18,26 +17,20 @@ from app.crypto import KeyRing, keyring_from_settings
 from app.db.session import create_engine, create_sessionmaker
 from app.delivery.dispatcher import Dispatcher, DispatcherConfig
 from app.delivery.policy import FIRST_DELAY
+from app.http import AiohttpClient, HttpClient, Timeouts
 from app.tokens import TokenService
 
 # Sized for the dispatcher: each in-flight delivery holds one connection to Amazon.
 DISPATCH_CONCURRENCY = 32
-HTTP_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=10.0, pool=10.0)
+HTTP_TIMEOUTS = Timeouts(connect=5.0, read=30.0, total=60.0)
 
 
 def http_client(
-    concurrency: int = DISPATCH_CONCURRENCY, *, timeout: httpx.Timeout | None = None
-) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        timeout=timeout or HTTP_TIMEOUT,
-        limits=httpx.Limits(
-            max_connections=concurrency + 8,
-            max_keepalive_connections=concurrency + 8,
-            keepalive_expiry=30.0,
-        ),
-        follow_redirects=False,  # Amazon does not redirect; a redirect is not followed blindly
-        headers={"User-Agent": "amazon-capi-relay"},
-    )
+    concurrency: int = DISPATCH_CONCURRENCY, *, timeouts: Timeouts | None = None
+) -> HttpClient:
+    # A few connections beyond the dispatcher's for token refreshes and OAuth exchanges,
+    # so a burst of deliveries never makes a Login with Amazon callback wait for a slot.
+    return AiohttpClient(timeouts=timeouts or HTTP_TIMEOUTS, max_connections=concurrency + 8)
 
 
 @dataclass(slots=True)
@@ -45,7 +38,7 @@ class Runtime:
     settings: Settings
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
-    http: httpx.AsyncClient
+    http: HttpClient
     keyring: KeyRing
     endpoints: Endpoints
     tokens: TokenService
@@ -59,14 +52,14 @@ class Runtime:
         settings: Settings,
         *,
         concurrency: int = DISPATCH_CONCURRENCY,
-        http_timeout: httpx.Timeout | None = None,
+        http_timeouts: Timeouts | None = None,
         first_retry_seconds: float = FIRST_DELAY,
     ) -> Runtime:
-        """``http_timeout`` (default HTTP_TIMEOUT) and ``first_retry_seconds`` (default
+        """``http_timeouts`` (default HTTP_TIMEOUTS) and ``first_retry_seconds`` (default
         the policy's 1 s) exist for tests that need timeouts and retries to be quick."""
         engine = create_engine(settings.database_url, pool_size=10, max_overflow=20)
         sessionmaker = create_sessionmaker(engine)
-        http = http_client(concurrency, timeout=http_timeout)
+        http = http_client(concurrency, timeouts=http_timeouts)
         keyring = keyring_from_settings(settings)
         endpoints = Endpoints(
             api_url=settings.amazon_api_url,

@@ -15,7 +15,6 @@ import asyncio
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app import lwa, metrics
@@ -24,6 +23,7 @@ from app.db import repository as repo
 from app.db.base import utcnow
 from app.db.models import OutputStatus
 from app.errors import RelayError
+from app.http import HttpClient
 from app.logs import get_logger
 
 log = get_logger(__name__)
@@ -41,7 +41,7 @@ class TokenService:
         self,
         sessionmaker: async_sessionmaker[AsyncSession],
         keyring: KeyRing,
-        http: httpx.AsyncClient,
+        http: HttpClient,
         *,
         token_url: Callable[[str], str],
         client_id: str,

@@ -56,6 +56,7 @@ from app.crypto import KeyRing, new_key_entry
 from app.db.session import create_engine
 from app.emulator import create_app as create_emulator
 from app.emulator.app import EmulatorApp
+from app.http import Timeouts
 from app.localserver import bind_loopback, url_of
 from app.main import create_app
 from app.runtime import Runtime
@@ -137,7 +138,7 @@ def tap_logs() -> Iterator[LogTap]:
 
 @contextmanager
 def runtime_options(**options: Any) -> Iterator[None]:
-    """While active, ``Runtime.build`` gets ``options`` (e.g. ``http_timeout``,
+    """While active, ``Runtime.build`` gets ``options`` (e.g. ``http_timeouts``,
     ``first_retry_seconds``) as if ``create_app``'s lifespan had passed them."""
     if not options:
         yield
@@ -593,7 +594,7 @@ def relay_stack(
         logs = exits.enter_context(tap_logs()) if capture_logs else None
         options: dict[str, Any] = {"first_retry_seconds": first_retry_seconds}
         if http_timeout is not None:
-            options["http_timeout"] = httpx.Timeout(http_timeout, connect=5.0)
+            options["http_timeouts"] = Timeouts(connect=5.0, read=http_timeout, total=http_timeout)
         relay = Served(app, sock)
         with runtime_options(**options):
             relay.start()

@@ -10,10 +10,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-import orjson
-
 from app import metrics
+from app.http import HttpClient, TransportError
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +23,7 @@ class Answer:
 
 
 async def send_events(
-    http: httpx.AsyncClient,
+    http: HttpClient,
     url: str,
     *,
     access_token: str,
@@ -43,14 +41,10 @@ async def send_events(
     start = time.perf_counter()
     try:
         response = await http.post(url, content=body, headers=headers)
-    except httpx.HTTPError as failure:
+    except TransportError as failure:
         metrics.AMAZON_REQUESTS.labels(status_class="error").inc()
-        return Answer(None, None, None, error=type(failure).__name__)
+        return Answer(None, None, None, error=str(failure))
     finally:
         metrics.AMAZON_REQUEST_SECONDS.observe(time.perf_counter() - start)
-    metrics.AMAZON_REQUESTS.labels(status_class=metrics.status_class(response.status_code)).inc()
-    try:
-        parsed = orjson.loads(response.content) if response.content else None
-    except orjson.JSONDecodeError:
-        parsed = None
-    return Answer(response.status_code, parsed, response.headers.get("retry-after"))
+    metrics.AMAZON_REQUESTS.labels(status_class=metrics.status_class(response.status)).inc()
+    return Answer(response.status, response.json(), response.headers.get("retry-after"))

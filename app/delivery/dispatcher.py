@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import httpx
 import orjson
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -32,6 +31,7 @@ from app.db import repository as repo
 from app.db.base import utcnow
 from app.db.models import Delivery, DeliveryStatus, Output
 from app.delivery.policy import FIRST_DELAY, MAX_DELAY, backoff_seconds
+from app.http import HttpClient
 from app.logs import get_logger
 from app.tokens import NotLoggedInError, TokenService
 
@@ -61,7 +61,7 @@ class Dispatcher:
     def __init__(
         self,
         sessionmaker: async_sessionmaker[AsyncSession],
-        http: httpx.AsyncClient,
+        http: HttpClient,
         tokens: TokenService,
         endpoints: Endpoints,
         config: DispatcherConfig,
