@@ -81,7 +81,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._stopping = False
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(config.concurrency)
+        self._stopped = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     # --- life cycle --------------------------------------------------------------------
@@ -96,6 +96,7 @@ class Dispatcher:
     async def stop(self) -> None:
         """Stop claiming; let in-flight sends finish for a while, then hand back the rest."""
         self._stopping = True
+        self._stopped.set()
         self._wake.set()
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
@@ -114,6 +115,9 @@ class Dispatcher:
 
     async def _run(self) -> None:
         while not self._stopping:
+            if len(self._in_flight) >= self._config.concurrency:
+                await self._wait_for_a_free_slot()
+                continue
             # Cleared before the claim, not after it: a wake() that comes while this
             # round claims or plans its sleep must cut that sleep short, not be lost.
             self._wake.clear()
@@ -130,6 +134,15 @@ class Dispatcher:
             if not claimed:
                 await self._idle()
 
+    async def _wait_for_a_free_slot(self) -> None:
+        """All slots busy: nothing can be claimed until a send ends, so wait for one
+        (or for stop) instead of asking the database again and again meanwhile."""
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait({*self._in_flight, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+
     async def _idle(self) -> None:
         delay = IDLE_POLL_SECONDS
         with contextlib.suppress(Exception):
@@ -137,15 +150,12 @@ class Dispatcher:
                 due = await repo.next_due_at(session)
             if due is not None:
                 delay = min(delay, max((due - self._clock()).total_seconds(), 0.0))
-        if self._slots.locked():
-            delay = max(delay, 0.01)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=max(delay, 0.005))
 
     async def _claim(self) -> list[tuple[Delivery, Output]]:
         free = self._config.concurrency - len(self._in_flight)
-        if free <= 0:
-            await asyncio.sleep(0.005)
+        if free <= 0:  # _run waits for a free slot first; this only guards the arithmetic
             return []
         async with self._sessionmaker() as session, session.begin():
             now = self._clock()
