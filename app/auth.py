@@ -16,11 +16,16 @@ import hmac
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TypeVar
 
 CACHE_SECONDS = 60.0
 CACHE_SIZE = 4096
-FAILURES_ALLOWED = 20  # failed attempts per client address …
+FAILURES_ALLOWED = 20  # failed attempts per client address and identity …
+ADDRESS_FAILURES_ALLOWED = 200  # … or per address over all identities …
 FAILURE_WINDOW_SECONDS = 60.0  # … within this window before it gets 429s
+ADMIN_IDENTITY = "admin"  # failures with the admin bearer token are counted under this
+
+_Key = TypeVar("_Key")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,31 +86,51 @@ class ConnectionAuthCache:
 
 
 class FailedAuthLimiter:
-    """Counts failed authentications per client address; too many → 429 for a while."""
+    """Counts failed authentications; too many → 429 for a while.
+
+    Failures are counted per (client address, identity tried): the admin token, or a
+    connection's key id. A client that keeps failing with one connection's key (an old
+    secret left in a deployment, a guesser) is stopped without locking out the other
+    connections, or the admin, behind the same address (a NAT, a proxy). An address
+    also has a larger budget over all identities, so cycling through key ids does not
+    buy unlimited secret checks (each costs a scrypt hash).
+    """
 
     def __init__(
-        self, allowed: int = FAILURES_ALLOWED, window: float = FAILURE_WINDOW_SECONDS
+        self,
+        allowed: int = FAILURES_ALLOWED,
+        window: float = FAILURE_WINDOW_SECONDS,
+        address_allowed: int = ADDRESS_FAILURES_ALLOWED,
     ) -> None:
         self._allowed = allowed
+        self._address_allowed = address_allowed
         self._window = window
-        self._failures: dict[str, list[float]] = {}
+        self._failures: dict[tuple[str, str], list[float]] = {}
+        self._address_failures: dict[str, list[float]] = {}
 
-    def _recent(self, client: str, now: float) -> list[float]:
-        times = [t for t in self._failures.get(client, []) if t > now - self._window]
+    def _recent(self, table: dict[_Key, list[float]], key: _Key, now: float) -> list[float]:
+        times = [t for t in table.get(key, []) if t > now - self._window]
         if times:
-            self._failures[client] = times
+            table[key] = times
         else:
-            self._failures.pop(client, None)
+            table.pop(key, None)
         return times
 
-    def blocked(self, client: str) -> bool:
-        return len(self._recent(client, time.monotonic())) >= self._allowed
-
-    def failed(self, client: str) -> None:
+    def blocked(self, client: str, identity: str = "") -> bool:
         now = time.monotonic()
-        self._failures[client] = [*self._recent(client, now), now]
+        return (
+            len(self._recent(self._failures, (client, identity), now)) >= self._allowed
+            or len(self._recent(self._address_failures, client, now)) >= self._address_allowed
+        )
+
+    def failed(self, client: str, identity: str = "") -> None:
+        now = time.monotonic()
+        pair = (client, identity)
+        self._failures[pair] = [*self._recent(self._failures, pair, now), now]
+        self._address_failures[client] = [*self._recent(self._address_failures, client, now), now]
         if len(self._failures) > 100_000:  # a flood of addresses: forget the oldest
             self._failures.clear()
+            self._address_failures.clear()
 
 
 def admin_token_ok(given: str | None, expected: str | None) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -80,38 +81,70 @@ class RequestContext:
             structlog.contextvars.unbind_contextvars("request_id")
 
 
-def _problem(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": code, "message": message, **extra}, status_code=status)
+SEGMENT_PATHS = frozenset({"/v1/batch"} | {f"/v1/{t}" for t in ingest.SEGMENT_TYPES})
+
+
+def _problem(
+    status: int, code: str, message: str, request: Request | None = None, **extra: Any
+) -> JSONResponse:
+    body = {"error": code, "message": message, **extra}
+    if request is not None and request.url.path in SEGMENT_PATHS:
+        # Segment's libraries read {"code", "message"} from an error; without "code"
+        # they log the failure as "unknown".
+        body["code"] = code
+    return JSONResponse(body, status_code=status)
+
+
+def _validation_problem(error: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 ``detail`` list, without echoing the input back (it may be NaN or a
+    lone surrogate, which no JSON encoder writes, and it need not be reflected at all).
+    Unreadable JSON is the client's syntax error, answered 400 like the ingest routes."""
+    detail = [
+        {"type": item["type"], "loc": list(item["loc"]), "msg": item["msg"]}
+        for item in error.errors()
+    ]
+    unreadable = [item for item in error.errors() if item["type"] == "json_invalid"]
+    if unreadable:
+        reason = (unreadable[0].get("ctx") or {}).get("error", "JSON decode error")
+        return JSONResponse(
+            {"error": "invalid_payload", "message": str(reason), "detail": detail},
+            status_code=400,
+        )
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 def add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        return _validation_problem(error)
+
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, error: ApiError) -> JSONResponse:
-        response = _problem(error.status, error.code, error.message)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        response = _problem(error.status, error.code, error.message, request)
         response.headers.update(error.headers)
         return response
 
     @app.exception_handler(SettingsError)
-    async def settings_error(_: Request, error: SettingsError) -> JSONResponse:
-        return _problem(422, error.code, error.message, field=error.field)
+    async def settings_error(request: Request, error: SettingsError) -> JSONResponse:
+        return _problem(422, error.code, error.message, request, field=error.field)
 
     @app.exception_handler(PayloadError)
-    async def payload_error(_: Request, error: PayloadError) -> JSONResponse:
-        return _problem(400, error.code, error.message)
+    async def payload_error(request: Request, error: PayloadError) -> JSONResponse:
+        return _problem(400, error.code, error.message, request)
 
     @app.exception_handler(RelayError)
-    async def relay_error(_: Request, error: RelayError) -> JSONResponse:
-        return _problem(error.status, error.code, error.message)
+    async def relay_error(request: Request, error: RelayError) -> JSONResponse:
+        return _problem(error.status, error.code, error.message, request)
 
     # The database is away or overloaded: a retryable 503, never a 500, and nothing
     # was accepted (the transaction did not commit).
     @app.exception_handler(DBAPIError)
     @app.exception_handler(PoolTimeoutError)
     @app.exception_handler(OSError)
-    async def storage_unavailable(_: Request, error: Exception) -> JSONResponse:
+    async def storage_unavailable(request: Request, error: Exception) -> JSONResponse:
         log.warning("storage_unavailable", error=type(error).__name__)
         response = _problem(
-            503, "unavailable", "storage is unavailable; nothing was accepted, retry later"
+            503, "unavailable", "storage is unavailable; nothing was accepted, retry later", request
         )
         response.headers["Retry-After"] = "5"
         return response

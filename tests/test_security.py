@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -28,6 +29,7 @@ from e2e_helpers import (
     wait_for,
 )
 
+from app.auth import FailedAuthLimiter
 from app.crypto import DecryptError, KeyRing, new_key_entry
 
 RAW_EMAIL = " Private.Person@Example.COM "
@@ -283,30 +285,88 @@ def test_security_headers_on_every_kind_of_answer(database_url: str, tmp_path: P
 
 
 def test_repeated_failed_authentication_is_answered_429(database_url: str, tmp_path: Path) -> None:
-    with relay_stack(database_url, tmp_path) as stack:
+    with relay_stack(database_url, tmp_path, capture_logs=True) as stack:
+        assert stack.logs is not None
         output = stack.create_output()
         conn = stack.connect(output["id"])
+        neighbour = stack.connect(output["id"], name="same address, other connection")
+        # A valid client of the guessed connection, seen before the guessing starts.
+        assert stack.client.post("/v2/events", json=sdk_batch([1]), auth=conn.auth).status_code == (
+            202
+        )
         wrong_admin = httpx.Client(
-            base_url=stack.relay_url, headers={"Authorization": "Bearer guess"}, timeout=30
+            base_url=stack.relay_url, headers={"Authorization": "Bearer guess-admin"}, timeout=30
         )
         with wrong_admin:
-            # 20 failures a minute from one address are answered 401 ...
+            # 20 failures a minute for one identity from one address are answered 401 ...
             for attempt in range(20):
-                if attempt % 2:
-                    answer = wrong_admin.get("/v1/outputs")
-                else:
-                    answer = stack.client.post(
-                        "/v2/events", json=sdk_batch([1]), auth=(conn.key, f"guess{attempt}")
-                    )
-                assert answer.status_code == 401, attempt
-            # ... then every attempt gets 429, the right credentials too: a guesser
-            # cannot learn that a guess was right.
+                admin = wrong_admin.get("/v1/outputs")
+                ingest = stack.client.post(
+                    "/v2/events", json=sdk_batch([1]), auth=(conn.key, f"guess-secret-{attempt}")
+                )
+                assert (admin.status_code, ingest.status_code) == (401, 401), attempt
+            # ... then that identity gets 429 without its secret being checked: the right
+            # admin token too (its strength is the operator's choice, so a guesser must
+            # not learn that a guess was right), and a never-seen secret of the key.
             for answer in (
                 wrong_admin.get("/v1/outputs"),
                 stack.admin.get("/v1/outputs"),
-                stack.client.post("/v2/events", json=sdk_batch([1]), auth=conn.auth),
+                stack.client.post(
+                    "/v2/events", json=sdk_batch([1]), auth=(conn.key, "guess-secret-x")
+                ),
             ):
                 assert answer.status_code == 429
                 assert answer.headers["retry-after"] == "60"
                 assert answer.json()["error"] == "too_many_failures"
-        assert stack.sql("SELECT count(*) FROM deliveries") == [(0,)]
+        # Other identities behind the same address are not locked out: another
+        # connection, and the client of the guessed key whose secret was proven before.
+        assert stack.client.post(
+            "/v2/events", json=sdk_batch([2]), auth=neighbour.auth
+        ).status_code == (202)
+        assert stack.client.post("/v2/events", json=sdk_batch([3]), auth=conn.auth).status_code == (
+            202
+        )
+        assert stack.sql("SELECT count(*) FROM deliveries") == [(3,)]
+        log_text = stack.logs.text
+    # The guesses and the admin token are not in the logs.
+    for secret in ("guess-secret-", "guess-admin", stack.admin_token, conn.secret):
+        assert secret not in log_text
+
+
+def test_the_limiter_counts_per_identity_and_caps_an_address() -> None:
+    limiter = FailedAuthLimiter(allowed=3, window=60, address_allowed=5)
+    for _ in range(3):
+        limiter.failed("10.0.0.1", "key-a")
+    assert limiter.blocked("10.0.0.1", "key-a")
+    assert not limiter.blocked("10.0.0.1", "key-b")  # another connection, same address
+    assert not limiter.blocked("10.0.0.2", "key-a")  # the same key from elsewhere
+    # Cycling through key ids does not buy unlimited checks from one address.
+    limiter.failed("10.0.0.1", "key-b")
+    limiter.failed("10.0.0.1", "key-c")
+    assert limiter.blocked("10.0.0.1", "key-z")
+    assert not limiter.blocked("10.0.0.2", "key-z")
+    short = FailedAuthLimiter(allowed=1, window=0.05)
+    short.failed("10.0.0.1", "admin")
+    assert short.blocked("10.0.0.1", "admin")
+    time.sleep(0.06)
+    assert not short.blocked("10.0.0.1", "admin")  # the window passed
+
+
+def test_unknown_key_and_wrong_secret_cost_the_same(database_url: str, tmp_path: Path) -> None:
+    """Timing-safe checks: an unknown key costs the same scrypt hash as a wrong secret,
+    so answer times do not tell which keys exist."""
+    with relay_stack(database_url, tmp_path) as stack:
+        output = stack.create_output()
+        conn = stack.connect(output["id"])
+
+        def seconds(auth: tuple[str, str]) -> float:
+            start = time.perf_counter()
+            assert stack.client.post("/v2/events", json={}, auth=auth).status_code == 401
+            return time.perf_counter() - start
+
+        unknown = sorted(seconds((f"con_unknown{i}", "x" * 43)) for i in range(7))
+        wrong = sorted(seconds((conn.key, f"wrong-{i}" + "x" * 36)) for i in range(7))
+        median_unknown, median_wrong = unknown[3], wrong[3]
+        # Both pay for the hash (milliseconds, not microseconds) and within 2x.
+        assert min(median_unknown, median_wrong) > 0.005
+        assert max(median_unknown, median_wrong) / min(median_unknown, median_wrong) < 2

@@ -10,7 +10,16 @@ from fastapi.responses import JSONResponse
 
 from app import jsonutil
 from app.amazon.settings import OutputSettings
-from app.api.deps import AdminDep, ApiError, RuntimeDep, read_body, transaction
+from app.api.deps import (
+    AdminDep,
+    ApiError,
+    RuntimeDep,
+    StrictJSONRoute,
+    read_body,
+    strict_json,
+    transaction,
+)
+from app.api.ingest import decode_records
 from app.api.schemas import (
     ConnectionCreate,
     ConnectionCreated,
@@ -28,10 +37,10 @@ from app.db import repository as repo
 from app.db.base import utcnow
 from app.db.models import Connection, Delivery, DeliveryStatus, Output
 from app.ingest import settings_for
-from app.pipeline import map_payload
+from app.pipeline import map_parsed
 from app.sources import SOURCES
 
-router = APIRouter(dependencies=[AdminDep], tags=["admin"])
+router = APIRouter(dependencies=[AdminDep], tags=["admin"], route_class=StrictJSONRoute)
 PREVIEW_LIMIT = 32 * 1024 * 1024
 # The output settings a PATCH may set to null (nullable columns).
 CLEARABLE_SETTINGS = frozenset(
@@ -275,11 +284,10 @@ async def preview(
         mapping_settings = OutputSettings.from_mapping(raw)
     moment: datetime = utcnow() if now is None else parse_instant(now, "now")
     body = await read_body(request, PREVIEW_LIMIT)
-    result = map_payload(
-        source,
-        body,
-        settings=mapping_settings,
-        now=moment,
-        content_type=request.headers.get("content-type"),
-    )
+    # Decoded as ingest decodes it, so a body preview maps is one ingest would accept.
+    if source == "records":
+        payload = decode_records(body, request.headers.get("content-type"))
+    else:
+        payload = strict_json(body)
+    result = map_parsed(payload, source, settings=mapping_settings, now=moment)
     return result.as_dict()

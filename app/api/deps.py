@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
+import orjson
 from fastapi import Depends, Request
+from fastapi.routing import APIRoute
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.responses import Response
 
-from app.auth import admin_token_ok
-from app.errors import RelayError
+from app.auth import ADMIN_IDENTITY, admin_token_ok
+from app.errors import PayloadError, RelayError
 from app.runtime import Runtime
 
 
@@ -56,6 +63,96 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+# --- strict JSON at the edge -------------------------------------------------------------
+#
+# What a caller posts is decoded once, strictly: anything two parsers could read two
+# ways (a repeated key: first or last wins?), or that cannot be sent on as JSON (NaN,
+# Infinity, 1e999, a lone UTF-16 surrogate), is refused with a 400 naming the problem
+# instead of being guessed at. See docs/decisions/0009-bad-input-and-auth-limits.md.
+
+# A \uD800-\uDFFF escape: only then can the decoded text hold a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        repeated = next(key for key, count in Counter(k for k, _ in pairs).items() if count > 1)
+        raise PayloadError(f"body is not valid JSON: key {repeated!r} appears twice in one object")
+    return found
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        shown = text if len(text) <= 24 else f"{text[:20]}…"
+        raise PayloadError(f"body is not valid JSON: number {shown} is out of range")
+    return number
+
+
+def _no_constant(name: str) -> Any:
+    raise PayloadError(f"body is not valid JSON: {name} is not a JSON number")
+
+
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_keys, parse_float=_finite, parse_constant=_no_constant
+)
+
+
+def strict_json(body: bytes) -> Any:
+    """One JSON document, or PayloadError (400) saying what is wrong with it.
+
+    The standard library's C scanner with hooks: it keeps integers of any size exact
+    (mParticle ids may pass 64 bits) and lets repeated keys be seen, which orjson cannot.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise PayloadError(f"body is not valid UTF-8 (byte {error.start})") from None
+    try:
+        value = _DECODER.decode(text)
+    except json.JSONDecodeError as error:
+        raise PayloadError(f"body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise PayloadError("body is not valid JSON: it is nested too deeply") from None
+    except ValueError:  # an integer literal of thousands of digits (int() refuses it)
+        raise PayloadError("body is not valid JSON: a number is too long") from None
+    if _SURROGATE_ESCAPE.search(body):
+        try:
+            orjson.dumps(value)  # refuses exactly the surrogates left unpaired
+        except orjson.JSONEncodeError:
+            raise PayloadError(
+                "body is not valid JSON: a \\u escape is a lone UTF-16 surrogate"
+            ) from None
+    return value
+
+
+class StrictJSONRequest(Request):
+    """``await request.json()`` for FastAPI's body models, decoded by ``strict_json``.
+
+    FastAPI turns a ``json.JSONDecodeError`` into its ``json_invalid`` validation error,
+    which the app's handler answers 400 with the message.
+    """
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            try:
+                self._json = strict_json(await self.body())
+            except PayloadError as error:
+                raise json.JSONDecodeError(error.message, "", 0) from None
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict_handler(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict_handler
+
+
 def bearer(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -76,7 +173,9 @@ def is_admin(request: Request, rt: Runtime) -> bool:
 
 async def require_admin(request: Request, rt: RuntimeDep) -> None:
     client = request.client.host if request.client else "unknown"
-    if rt.limiter.blocked(client):
+    # Blocked even with the right token: the admin token is the one credential whose
+    # strength the relay does not choose, so a guesser must not learn a guess was right.
+    if rt.limiter.blocked(client, ADMIN_IDENTITY):
         raise ApiError(
             429,
             "too_many_failures",
@@ -84,7 +183,7 @@ async def require_admin(request: Request, rt: RuntimeDep) -> None:
             headers={"Retry-After": "60"},
         )
     if not is_admin(request, rt):
-        rt.limiter.failed(client)
+        rt.limiter.failed(client, ADMIN_IDENTITY)
         if rt.settings.admin_token is None:
             message = "the admin API is off: set RELAY_ADMIN_TOKEN"
         else:

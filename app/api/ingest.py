@@ -18,7 +18,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from app import jsonutil, metrics
-from app.api.deps import ApiError, RuntimeDep, read_body, transaction
+from app.api.deps import ApiError, RuntimeDep, read_body, strict_json, transaction
+from app.api.schemas import BulkSummary, IngestSummary, Problem, SegmentSummary
 from app.auth import Credentials, from_write_key, parse_basic
 from app.db import repository as repo
 from app.db.base import utcnow
@@ -37,17 +38,48 @@ MAX_WAIT_SECONDS = 30.0
 SEGMENT_TYPES = ("track", "page", "screen", "identify", "group", "alias")
 
 
+def _json_body(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    """The request body as the OpenAPI schema shows it (the routes read the raw body
+    themselves, to enforce size limits and strict JSON before parsing)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "description": description,
+            "content": {"application/json": {"schema": schema}},
+        }
+    }
+
+
+_MPARTICLE_BATCH = {
+    "type": "object",
+    "properties": {"events": {"type": "array", "items": {"type": "object"}}},
+    "required": ["events"],
+}
+_SEGMENT_MESSAGE = {"type": "object", "properties": {"type": {"type": "string"}}}
+_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    status: {"model": Problem, "description": description}
+    for status, description in {
+        400: "Bad JSON or wrong shape; nothing stored",
+        401: "Missing or wrong credentials",
+        403: "Inactive connection, or one of another source",
+        413: "Body over the route's limit",
+        415: "Unsupported Content-Encoding",
+        429: "Too many failed authentications from this client",
+    }.items()
+}
+
+
 async def _connection(
     request: Request, rt: Runtime, source: str, credentials: Credentials | None
 ) -> tuple[Connection, Output]:
     client = request.client.host if request.client else "unknown"
-    if rt.limiter.blocked(client):
-        raise ApiError(
-            429,
-            "too_many_failures",
-            "too many failed attempts; try later",
-            headers={"Retry-After": "60"},
-        )
+    identity = credentials.key if credentials else ""
+    too_many = ApiError(
+        429,
+        "too_many_failures",
+        "too many failed attempts; try later",
+        headers={"Retry-After": "60"},
+    )
     unauthorized = ApiError(
         401,
         "unauthorized",
@@ -55,16 +87,24 @@ async def _connection(
         headers={"WWW-Authenticate": 'Basic realm="relay"'},
     )
     if credentials is None:
-        rt.limiter.failed(client)
+        if rt.limiter.blocked(client, identity):
+            raise too_many
+        rt.limiter.failed(client, identity)
         raise unauthorized
     async with transaction(rt) as session:
         connection = await repo.get_connection_by_key(session, credentials.key)
+        # Credentials proven within the cache's minute pass even while this address or
+        # key is refused: checking them costs no scrypt, and the cache is keyed by key
+        # and secret, so only a caller who holds the secret gets past. Everything else
+        # waits out the block without its secret being checked at all.
         if connection is None or not rt.auth_cache.verified(credentials, connection.secret_hash):
+            if rt.limiter.blocked(client, identity):
+                raise too_many
             connection = await repo.authenticate_connection(
                 session, credentials.key, credentials.secret
             )
             if connection is None:
-                rt.limiter.failed(client)
+                rt.limiter.failed(client, identity)
                 raise unauthorized
             rt.auth_cache.remember(credentials, connection.secret_hash)
         if not connection.active:
@@ -152,10 +192,7 @@ async def _answer(
 
 
 def _decode_json(body: bytes) -> Any:
-    try:
-        return jsonutil.loads(body)
-    except jsonutil.InvalidJSONError as error:
-        raise PayloadError(f"body is not valid JSON: {error}") from None
+    return strict_json(body)
 
 
 # --- mParticle -------------------------------------------------------------------------
@@ -168,25 +205,42 @@ WaitQuery = Query(
 )
 
 
-@router.post("/v2/events", status_code=202, summary="One mParticle batch (Events API v2)")
+@router.post(
+    "/v2/events",
+    status_code=202,
+    summary="One mParticle batch (Events API v2)",
+    response_model=IngestSummary,
+    responses=_PROBLEMS,
+    openapi_extra=_json_body(_MPARTICLE_BATCH, "One mParticle batch"),
+)
 async def mparticle_events(
     request: Request, rt: RuntimeDep, wait: float | None = WaitQuery
 ) -> JSONResponse:
     credentials = parse_basic(request.headers.get("authorization"))
     connection, output = await _connection(request, rt, "mparticle", credentials)
-    payload = _decode_json(await read_body(request, LIMITS["events"]))
+    payload = _decode_json(await _body(request, LIMITS["events"]))
     adapter("mparticle").parse(payload)  # shape errors → 400 before anything is stored
     summaries = await _accept(rt, connection, output, [payload])
     return await _answer(rt, summaries, wait)
 
 
-@router.post("/v2/bulkevents", status_code=202, summary="Up to 100 mParticle batches")
+@router.post(
+    "/v2/bulkevents",
+    status_code=202,
+    summary="Up to 100 mParticle batches",
+    response_model=BulkSummary,
+    responses=_PROBLEMS,
+    openapi_extra=_json_body(
+        {"type": "array", "items": _MPARTICLE_BATCH, "maxItems": MAX_BULK_BATCHES},
+        "Up to 100 mParticle batches",
+    ),
+)
 async def mparticle_bulk(
     request: Request, rt: RuntimeDep, wait: float | None = WaitQuery
 ) -> JSONResponse:
     credentials = parse_basic(request.headers.get("authorization"))
     connection, output = await _connection(request, rt, "mparticle", credentials)
-    payload = _decode_json(await read_body(request, LIMITS["bulk"]))
+    payload = _decode_json(await _body(request, LIMITS["bulk"]))
     if not isinstance(payload, list):
         raise PayloadError("bulk body must be a JSON array of batches")
     if len(payload) > MAX_BULK_BATCHES:
@@ -241,21 +295,27 @@ def _inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
         raise PayloadError("body is not valid gzip") from None
     if len(data) > limit:
         raise ApiError(413, "body_too_large", f"inflated body is larger than {limit} bytes")
+    if not inflater.eof:  # cut short: what came out is only a prefix of the body
+        raise PayloadError("body is not valid gzip: the gzip stream is truncated")
     return data
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body within ``limit`` bytes, sent and inflated (every ingest route
+    takes gzip, as Segment's and RudderStack's libraries may send it)."""
+    raw = await read_body(request, limit)
+    return _inflate(raw, request.headers.get("content-encoding"), limit)
 
 
 async def _segment(
     request: Request, rt: Runtime, wait: float | None, message_type: str | None
 ) -> JSONResponse:
-    body = _inflate(
-        await read_body(request, LIMITS["segment"]),
-        request.headers.get("content-encoding"),
-        LIMITS["segment"],
-    )
+    body = await _body(request, LIMITS["segment"])
     payload = _decode_json(body)
     credentials = parse_basic(request.headers.get("authorization"))
     if credentials is None and isinstance(payload, dict):
-        credentials = from_write_key(payload.get("writeKey"))
+        in_body = payload.get("writeKey")
+        credentials = from_write_key(in_body) if isinstance(in_body, str) else None
     connection, output = await _connection(request, rt, "segment", credentials)
     _check_signature(rt, connection, body, payload, request.headers.get("x-signature"))
     if message_type is not None:
@@ -267,7 +327,25 @@ async def _segment(
     return await _answer(rt, summaries, wait, extra={"success": True}, status=200)
 
 
-@router.post("/v1/batch", summary="Segment batch: {batch, context} or a bare array")
+@router.post(
+    "/v1/batch",
+    summary="Segment batch: {batch, context} or a bare array",
+    response_model=SegmentSummary,
+    responses=_PROBLEMS,
+    openapi_extra=_json_body(
+        {
+            "oneOf": [
+                {
+                    "type": "object",
+                    "properties": {"batch": {"type": "array", "items": _SEGMENT_MESSAGE}},
+                    "required": ["batch"],
+                },
+                {"type": "array", "items": _SEGMENT_MESSAGE},
+            ]
+        },
+        "Segment messages",
+    ),
+)
 async def segment_batch(
     request: Request, rt: RuntimeDep, wait: float | None = WaitQuery
 ) -> JSONResponse:
@@ -286,6 +364,9 @@ def _segment_route(message_type: str) -> None:
         handler,
         methods=["POST"],
         summary=f"One Segment {message_type} message",
+        response_model=SegmentSummary,
+        responses=_PROBLEMS,
+        openapi_extra=_json_body(_SEGMENT_MESSAGE, f"One Segment {message_type} message"),
     )
 
 
@@ -296,11 +377,49 @@ for _type in SEGMENT_TYPES:
 # --- flat records ----------------------------------------------------------------------
 
 
-@router.post("/v1/records", status_code=202, summary="Flat conversion records (JSON, NDJSON, CSV)")
+def _one_json_document(body: bytes, content_type: str | None) -> bool:
+    """Is this records body one JSON document (not CSV, not NDJSON), as the adapter
+    sniffs it? JSON-typed or untyped, starting with ``[``; or starting with ``{`` and
+    not going on to a second line of JSON (then the adapter reads it as NDJSON)."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    start = body.lstrip()[:1]
+    if kind not in ("", "application/json") or start not in (b"[", b"{"):
+        return False
+    if start == b"[":
+        return True
+    try:
+        jsonutil.loads(body)
+    except ValueError:  # InvalidJSONError included
+        return False
+    return True
+
+
+def decode_records(body: bytes, content_type: str | None) -> Any:
+    """The records adapter's decode, with the other routes' strictness for a body that
+    is one JSON document; CSV and NDJSON rows are checked one by one by the adapter (a
+    bad row is dropped with its number)."""
+    if _one_json_document(body, content_type):
+        strict_json(body)
+    try:
+        return adapter("records").decode(body, content_type)
+    except ValueError:  # an NDJSON line with an integer of thousands of digits
+        raise PayloadError("body is not valid: a number is too long") from None
+
+
+@router.post(
+    "/v1/records",
+    status_code=202,
+    summary="Flat conversion records (JSON, NDJSON, CSV)",
+    response_model=IngestSummary,
+    responses=_PROBLEMS,
+    openapi_extra=_json_body(
+        {"type": "array", "items": {"type": "object"}}, "Records (JSON array, NDJSON or CSV)"
+    ),
+)
 async def records(request: Request, rt: RuntimeDep, wait: float | None = WaitQuery) -> JSONResponse:
     credentials = parse_basic(request.headers.get("authorization"))
     connection, output = await _connection(request, rt, "records", credentials)
-    body = await read_body(request, LIMITS["records"])
-    payload = adapter("records").decode(body, request.headers.get("content-type"))
+    body = await _body(request, LIMITS["records"])
+    payload = decode_records(body, request.headers.get("content-type"))
     summaries = await _accept(rt, connection, output, [payload])
     return await _answer(rt, summaries, wait)

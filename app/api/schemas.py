@@ -122,6 +122,10 @@ class IngestSummary(BaseModel):
     outcome: dict[str, Any] | None = None
 
 
+class SegmentSummary(IngestSummary):
+    success: bool
+
+
 class BulkSummary(BaseModel):
     batches: list[IngestSummary]
 
