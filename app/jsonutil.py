@@ -28,18 +28,63 @@ _LONG_NUMBER = re.compile(rb"[:\[,]\s*(-?\d{19,})(?![\d.eE])")
 _INT_RANGE = (-(2**63), 2**64 - 1)
 
 
+# Longer literals are out of range whatever their digits; int() is not even tried on
+# them, since Python refuses to convert strings of more than 4,300 digits.
+_MAX_INT_DIGITS = 20
+
+
+def _out_of_range(literal: bytes) -> bool:
+    digits = literal.lstrip(b"-")
+    return len(digits) > _MAX_INT_DIGITS or not _INT_RANGE[0] <= int(literal) <= _INT_RANGE[1]
+
+
 def _has_huge_integer(data: bytes) -> bool:
-    return any(
-        not _INT_RANGE[0] <= int(match.group(1)) <= _INT_RANGE[1]
-        for match in _LONG_NUMBER.finditer(data)
-    )
+    return any(_out_of_range(match.group(1)) for match in _LONG_NUMBER.finditer(data))
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise InvalidJSONError(f"number {text[:40]} is too large")
+    return value
+
+
+def _stdlib_loads(data: bytes | str) -> Any:
+    """The exact path: integers of any size; no NaN, no Infinity (also not as 1e999),
+    no lone surrogates (\\ud800 escapes), which orjson would refuse too."""
+    value = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+    try:
+        orjson.dumps(value, option=orjson.OPT_PASSTHROUGH_SUBCLASS)
+    except orjson.JSONEncodeError as error:
+        if "Integer exceeds 64-bit range" not in str(error):
+            raise InvalidJSONError(f"not valid JSON text: {error}") from None
+        _check_strings(value)
+    return value
+
+
+def _check_strings(value: Any) -> None:
+    """Walks what orjson could not encode because of a huge integer: every string
+    must still be valid Unicode (no lone surrogates)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidJSONError("a string holds a lone surrogate escape") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def loads(data: bytes | str) -> Any:
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
     if _has_huge_integer(raw):
         try:
-            return json.loads(raw, parse_constant=_refuse_constant)
+            return _stdlib_loads(raw)
         except InvalidJSONError:
             raise
         except (ValueError, RecursionError, UnicodeDecodeError) as error:
@@ -48,7 +93,7 @@ def loads(data: bytes | str) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError as fast_error:
         try:
-            return json.loads(data, parse_constant=_refuse_constant)
+            return _stdlib_loads(data)
         except InvalidJSONError:
             raise
         except (ValueError, RecursionError, UnicodeDecodeError) as error:
