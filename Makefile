@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 RELAY_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 export RELAY_TEST_POSTGRES_URL
 
-.PHONY: install demo test lint typecheck unit golden bench proof clean deploy-check system-deps
+.PHONY: install demo test lint typecheck unit golden bench proof clean deploy-check system-deps \
+	compose-up compose-smoke compose-down
 
 install: $(STAMP)
 
@@ -55,3 +56,14 @@ proof: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
+
+# The compose stack (needs a Docker engine; the project's CI machine has none, so these
+# are not part of `make test`). With the old v1 tool: COMPOSE=docker-compose make compose-up
+compose-up:
+	deploy/compose-smoke.sh up
+
+compose-smoke:
+	deploy/compose-smoke.sh smoke
+
+compose-down:
+	deploy/compose-smoke.sh down
