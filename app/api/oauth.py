@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from app import lwa
-from app.api.deps import ApiError, RuntimeDep, is_admin, transaction
+from app.api.deps import ApiError, RuntimeDep, require_admin, transaction
 from app.crypto import DecryptError
 from app.db import repository as repo
 from app.db.base import utcnow
@@ -59,10 +59,9 @@ def problem_page(
 
 @router.get("/oauth/amazon/start", summary="Start Login with Amazon for an output")
 async def start(request: Request, rt: RuntimeDep, output_id: str) -> Response:
-    if not is_admin(request, rt):
-        raise ApiError(
-            401, "unauthorized", "sign in to the relay (or send the admin bearer token) first"
-        )
+    # The same check as the admin API: failures count against the client's budget, and
+    # a blocked client is refused even with the right token.
+    await require_admin(request, rt)
     settings = rt.settings
     if not settings.lwa_client_id:
         return problem_page(
