@@ -2,6 +2,13 @@
 
 Shared by ``relay map``, the preview route and ingest, so all three give the same
 answer for the same payload.
+
+mParticle batches, the relay's volume, take a fused lane: the adapter's reading of
+the batch and the mapper's writing of Amazon events in one pass, without a canonical
+event per inbound event. It handles the common shape only (a commerce event whose
+fields have their usual JSON types) and gives every other event to the adapter and
+mapper proper, which stay the reference: the fused lane's answer is theirs, byte for
+byte (the mapping contract tests run through it).
 """
 
 from __future__ import annotations
@@ -10,9 +17,28 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from app.amazon.mapping import MapResult, map_events
+from app.amazon import normalize
+from app.amazon.mapping import (
+    LIMITED_DATA_USE,
+    MAX_CUSTOM_DATA,
+    MAX_EXACT_INT,
+    MAX_TEXT,
+    MAX_UNITS,
+    MILLIS,
+    MINUTE_SECOND,
+    SKIPPED_ENTRY,
+    BatchMapper,
+    MapResult,
+    Plan,
+    custom_entry,
+    float_amount,
+    hour_text,
+    map_events,
+)
 from app.amazon.settings import OutputSettings
-from app.sources import adapter
+from app.canonical import Dropped, Platform, UserContext
+from app.sources import adapter, mparticle
+from app.sources.base import InvalidEventError
 
 
 def output_settings(raw: Mapping[str, Any]) -> OutputSettings:
@@ -20,6 +46,8 @@ def output_settings(raw: Mapping[str, Any]) -> OutputSettings:
 
 
 def map_parsed(payload: Any, source: str, *, settings: OutputSettings, now: datetime) -> MapResult:
+    if source == mparticle.NAME:
+        return map_mparticle(payload, settings=settings, now=now)
     parsed = adapter(source).parse(payload)
     return map_events(
         parsed.events, source=source, settings=settings, now=now, rejects=parsed.rejects
@@ -36,3 +64,188 @@ def map_payload(
 ) -> MapResult:
     payload = adapter(source).decode(body, content_type)
     return map_parsed(payload, source, settings=settings, now=now)
+
+
+_SCALARS = (str, int, float)  # customData values that are sent (bool is an int)
+
+
+def map_mparticle(payload: Any, *, settings: OutputSettings, now: datetime) -> MapResult:
+    """``map_events(ADAPTER.parse(payload))`` for an mParticle batch, in one pass.
+
+    Per event it reads the fields, looks up the batch's plan for the event's name,
+    action and reserved attributes (conversion, country, match keys, consent and
+    eventDescription, worked out by the mapper once per distinct plan), then writes the
+    fields that vary per event. An event found not to have the common shape goes to
+    ``_map_one``, the adapter and mapper proper, before anything of it is recorded.
+    """
+    events = mparticle.batch_events(payload)
+    user, platform = mparticle.batch_user(payload)
+    mapper = BatchMapper(source=mparticle.NAME, settings=settings, now=now)
+    # Local names: this loop runs once per inbound event.
+    plans: dict[tuple[Any, ...], Plan] = {}
+    oldest_ms, newest_ms, partner = mapper.oldest_ms, mapper.newest_ms, mapper.partner
+    reserved_by_name, reserved_name = mparticle.RESERVED_BY_NAME, mparticle.reserved_name
+    forwarded, indexes = mapper.events, mapper.indexes
+    drop = mapper.drop
+    currency_code = normalize.currency_code
+    currencies: dict[Any, str | None] = {}
+
+    for index, raw in enumerate(events):
+        # The common shape, checked before anything is recorded for the event.
+        if type(raw) is not dict:
+            _map_one(mapper, index, raw, user, platform)
+            continue
+        data = raw.get("data")
+        if type(data) is not dict:
+            _map_one(mapper, index, raw, user, platform)
+            continue
+        product_action: Any = data.get("product_action")
+        action = product_action.get("action") if type(product_action) is dict else None
+        name = data.get("event_name")
+        ms = data.get("timestamp_unixtime_ms")
+        event_id = data.get("event_id")
+        attributes = data.get("custom_attributes")
+        total = product_action.get("total_amount") if type(action) is str else None
+        if (
+            type(action) is not str
+            or (name is not None and type(name) is not str)
+            or type(ms) is not int
+            or type(event_id) is not str
+            or not event_id
+            or event_id.isspace()
+            or (attributes is not None and type(attributes) is not dict)
+            or not (
+                total is None
+                or type(total) is float
+                or (type(total) is int and -MAX_EXACT_INT < total < MAX_EXACT_INT)
+            )
+        ):
+            _map_one(mapper, index, raw, user, platform)
+            continue
+
+        # customData in payload order; reserved attributes (first of each name) apart,
+        # into the plan key: everything else the event's Amazon fields depend on. Types
+        # are part of it because True == 1 == 1.0 in Python but normalise differently.
+        entries: list[dict[str, str]] = []
+        room = MAX_CUSTOM_DATA
+        skipped = 0
+        plan_key: tuple[Any, ...] = (action, name)
+        reserved: set[str] | None = None
+        if attributes:
+            for key, value in attributes.items():
+                try:
+                    lowered = reserved_by_name[key]
+                except KeyError:
+                    lowered = reserved_name(key)
+                if lowered is None:
+                    if room and isinstance(value, _SCALARS):
+                        entry = custom_entry(key, value)
+                        if entry is not SKIPPED_ENTRY:
+                            entries.append(entry)
+                            room -= 1
+                            continue
+                    skipped += 1
+                elif reserved is None or lowered not in reserved:
+                    reserved = {lowered} if reserved is None else reserved | {lowered}
+                    plan_key += (lowered, type(value), value)
+        try:
+            plan = plans.get(plan_key)
+        except TypeError:  # an unhashable reserved value (an object as tcf)
+            _map_one(mapper, index, raw, user, platform)
+            continue
+        if plan is None:
+            try:
+                canonical = mparticle.canonical_event(index, raw, user, platform)
+            except InvalidEventError:  # not expected after the checks above; the reference
+                _map_one(mapper, index, raw, user, platform)
+                continue
+            plan = plans[plan_key] = mapper.plan(canonical)
+        conversion_drop, user_drop, description, country, keys, consent, purchase, ldu = plan
+
+        # mapping.md §9: the first drop reason in order.
+        if conversion_drop is not None:
+            drop(index, conversion_drop)
+            continue
+        if ms < oldest_ms:
+            drop(index, "too_old")
+            continue
+        if ms > newest_ms:
+            drop(index, "in_future")
+            continue
+        if user_drop is not None:
+            drop(index, user_drop)
+            continue
+
+        # Whole quantities summed as ints; no quantity sums to 0, omitted like the
+        # reference's None. Anything else (fractions, odd spellings) takes the reference.
+        units = 0
+        if purchase:
+            products = product_action.get("products")
+            odd = False
+            if isinstance(products, list):
+                for product in products:
+                    if type(product) is dict:
+                        quantity = product.get("quantity")
+                        if type(quantity) is int:
+                            units += quantity
+                        elif type(quantity) is str and quantity.isdigit() and quantity.isascii():
+                            units += int(quantity)
+                        elif quantity is not None:
+                            odd = True
+                            break
+                    elif isinstance(product, dict):
+                        odd = True
+                        break
+            if odd:
+                _map_one(mapper, index, raw, user, platform)
+                continue
+
+        second, millis = divmod(ms, 1000)  # event_time_text, inline
+        hour, second_of_hour = divmod(second, 3600)
+        amazon_event: dict[str, Any] = {
+            "eventDescription": description,
+            "countryCode": country,
+            "matchKeys": keys,
+            "eventTime": hour_text(hour) + MINUTE_SECOND[second_of_hour] + MILLIS[millis],
+            "eventId": event_id[:MAX_TEXT],
+        }
+        if total is not None and not (purchase and total < 0):
+            value = float_amount(total) if type(total) is float else total
+            if value is not None:
+                amazon_event["value"] = value
+        if purchase:
+            raw_currency = data.get("currency_code")
+            try:  # a batch's events share a currency or two: normalised once each
+                currency = currencies[raw_currency]
+            except KeyError:
+                currency = currencies[raw_currency] = currency_code(raw_currency)
+            except TypeError:  # an unhashable value (an object) is no currency code
+                currency = None
+            if currency:
+                amazon_event["currencyCode"] = currency
+            if 1 <= units <= MAX_UNITS:
+                amazon_event["unitsSold"] = units
+        if entries:
+            amazon_event["customData"] = entries
+        if ldu:
+            amazon_event["dataProcessingOptions"] = LIMITED_DATA_USE
+        if consent:
+            amazon_event["consent"] = consent
+        if partner:
+            amazon_event["partner"] = partner
+        forwarded.append(amazon_event)
+        indexes.append(index)
+        mapper.custom_data_skipped += skipped
+    return mapper.result()
+
+
+def _map_one(
+    mapper: BatchMapper, index: int, raw: Any, user: UserContext, platform: Platform
+) -> None:
+    """One event through the adapter and the mapper proper (the reference path)."""
+    try:
+        event = mparticle.canonical_event(index, raw, user, platform)
+    except InvalidEventError as problem:
+        mapper.dropped.append(Dropped(index, "invalid_event", str(problem)))
+        return
+    mapper.add(event)

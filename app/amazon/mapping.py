@@ -22,6 +22,7 @@ from app.amazon.settings import OutputSettings
 from app.canonical import NO_SIGNALS, CanonicalEvent, Dropped, Platform, UserContext
 from app.jsonutil import canonical_text
 from app.rules import Conversion, resolve
+from app.values import parse_decimal
 
 # mapping.md §9: when several reasons apply, the first of this order wins.
 DROP_REASONS = (
@@ -78,21 +79,24 @@ class MapResult:
 
 
 @functools.lru_cache(maxsize=8192)
-def _second_text(second: int) -> str:
-    t = time.gmtime(second)
-    return (
-        f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
-        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}."
-    )
+def hour_text(hour: int) -> str:
+    """``YYYY-MM-DDTHH:`` of an hour since the epoch (cached: a batch spans few hours)."""
+    t = time.gmtime(hour * 3600)
+    return f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:"
 
 
-_MILLIS = tuple(f"{i:03d}Z" for i in range(1000))
+# "MM:SS." for every second of an hour and "mmmZ" for every millisecond: with the
+# hour cached (events of a batch share a few hours, not seconds), an event time is
+# two table lookups and two concatenations.
+MINUTE_SECOND = tuple(f"{m:02d}:{s:02d}." for m in range(60) for s in range(60))
+MILLIS = tuple(f"{i:03d}Z" for i in range(1000))
 
 
 def event_time_text(ms: int) -> str:
     """``YYYY-MM-DDTHH:MM:SS.mmmZ``, always three fraction digits, UTC."""
     second, millis = divmod(ms, 1000)
-    return _second_text(second) + _MILLIS[millis]
+    hour, second_of_hour = divmod(second, 3600)
+    return hour_text(hour) + MINUTE_SECOND[second_of_hour] + MILLIS[millis]
 
 
 def deterministic_event_id(connection_id: str, source_event: Any) -> str:
@@ -147,6 +151,32 @@ def amount(value: Decimal) -> int | float | None:
     return number if abs(number) != float("inf") else None
 
 
+def float_amount(number: float) -> int | float | None:
+    """``amount(parse_decimal(number))`` for a float, without building a Decimal.
+
+    The hot path: a float's shortest text (``repr``) is the decimal the rules round,
+    and for a text without exponent rounding half-up to cents is integer arithmetic
+    on its digits. ``cents / 100`` is correctly rounded (int true division), as is
+    ``float(Decimal)``, so both give the same float.
+    """
+    text = repr(number)
+    dot = text.find(".")
+    if dot < 0 or "e" in text:  # an exponent, inf or nan: the general path decides
+        exact = parse_decimal(number)
+        return None if exact is None else amount(exact)
+    if len(text) - dot <= 3:  # at most two decimals: already in cents
+        rounded = number
+    else:
+        negative = text[0] == "-"
+        cents = int(text[negative:dot] + text[dot + 1 : dot + 3])
+        if text[dot + 3] >= "5":  # half-up: a third decimal of 5 or more rounds away from 0
+            cents += 1
+        rounded = -cents / 100 if negative else cents / 100
+    if rounded.is_integer() and abs(rounded) < MAX_EXACT_INT:
+        return int(rounded)
+    return rounded
+
+
 def units_sold(units: Decimal) -> int | None:
     try:
         count = int(units.quantize(_ONE, rounding=ROUND_HALF_UP, context=_WIDE))
@@ -173,17 +203,20 @@ def custom_name_ok(name: str) -> bool:
     return _CUSTOM_NAME.fullmatch(name) is not None
 
 
-_SKIP: dict[str, str] = {}
+SKIPPED_ENTRY: dict[str, str] = {}  # custom_entry's answer for an attribute not sent
 
 
 @functools.lru_cache(maxsize=16384, typed=True)  # typed: 1, 1.0 and True stay apart
-def _entry(name: str, raw: str | int | float | bool) -> dict[str, str]:
-    """One customData entry, or _SKIP. Cached: the same attribute recurs across events,
+def custom_entry(name: str, raw: str | int | float | bool) -> dict[str, str]:
+    """One customData entry, or SKIPPED_ENTRY. Cached: the same attribute recurs across events,
     and the entries are never mutated (Amazon requests are treated as immutable)."""
     value = custom_value(raw)
     if value is None or not custom_name_ok(name):
-        return _SKIP
+        return SKIPPED_ENTRY
     return {"name": name, "value": value, "dataType": "STRING"}
+
+
+_CUSTOM_SCALARS = (str, int, float)  # bool is an int: "true" / "false"
 
 
 def custom_data(attributes: Sequence[tuple[str, Any]]) -> tuple[list[dict[str, str]], int]:
@@ -191,14 +224,12 @@ def custom_data(attributes: Sequence[tuple[str, Any]]) -> tuple[list[dict[str, s
     entries: list[dict[str, str]] = []
     skipped = 0
     for name, raw in attributes:
-        if isinstance(raw, str | int | float) and len(entries) < MAX_CUSTOM_DATA:
-            entry = _entry(name, raw)
-        else:
-            entry = _SKIP
-        if entry is _SKIP:
-            skipped += 1
-        else:
-            entries.append(entry)
+        if isinstance(raw, _CUSTOM_SCALARS) and len(entries) < MAX_CUSTOM_DATA:
+            entry = custom_entry(name, raw)
+            if entry is not SKIPPED_ENTRY:
+                entries.append(entry)
+                continue
+        skipped += 1
     return entries, skipped
 
 
@@ -296,132 +327,194 @@ def _consent(event: CanonicalEvent, settings: OutputSettings) -> dict[str, Any]:
     return consent
 
 
-def map_events(
-    events: Sequence[CanonicalEvent],
-    *,
-    source: str,
-    settings: OutputSettings,
-    now: datetime,
-    rejects: Sequence[Dropped] = (),
-) -> MapResult:
-    """Map one inbound batch. ``rejects`` are the adapter's invalid_event drops."""
-    result = MapResult(dropped=list(rejects))
-    now_ms = int(now.timestamp() * 1000)
-    oldest_ms = now_ms - settings.max_event_age_hours * 3_600_000
-    newest_ms = now_ms + FUTURE_TOLERANCE_MS
-    now_text = event_time_text(now_ms)
-    extended = settings.match_keys == "extended"
-    eu = settings.region == "EU"
-    require_granted = settings.consent_mode == "require_granted"
-    rules = settings.conversion_rules
-    defaults = settings.default_rules
-    data_set_name = settings.data_set_name
-    partner = settings.partner_name
-    advertiser_id = settings.advertiser_id
-    # Per-user work is shared by that user's events in this batch (identity of the
-    # UserContext object, which the adapter shares between them).
-    keys_by_user: dict[tuple[int, str], list[dict[str, Any]]] = {}
-    consent_by_user: dict[Any, dict[str, Any]] = {}
-    out: list[dict[str, Any]] = []
-    out_index: list[int] = []
-    drop = result.dropped.append
+# What an event's Amazon fields that do not vary per event come to, worked out once per
+# batch for each distinct combination (see BatchMapper.plan):
+# (conversion drop reason or None, user drop reason or None, eventDescription,
+#  countryCode, matchKeys, consent, is a purchase, limited data use)
+Plan = tuple[
+    str | None,
+    str | None,
+    dict[str, str],
+    str,
+    list[dict[str, Any]],
+    dict[str, Any],
+    bool,
+    bool,
+]
 
-    # Per-batch memo tables: values that recur across the events of a batch are worked
-    # out once. Keys hold everything the memoised result depends on.
-    conversions: dict[tuple[Any, ...], Conversion | str] = {}
-    countries: dict[tuple[Any, ...], str | None] = {}
-    descriptions: dict[tuple[Any, ...], dict[str, str]] = {}
 
-    for event in events:
-        if event.advertiser_id and advertiser_id and event.advertiser_id != advertiser_id:
-            drop(Dropped(event.index, "invalid_event", "advertiser_id is not this output's"))
-            continue
-        rule_key = (event.kind, event.name, event.action, event.conversion_type)
-        conversion = conversions.get(rule_key)
+class BatchMapper:
+    """Maps the events of one inbound batch, in order.
+
+    Everything that depends on the user, the settings or a value repeated across the
+    batch (conversion rules, country, match keys, consent, eventDescription) is worked
+    out once per distinct input and shared by the events that have it; the Amazon
+    objects it yields are therefore shared between events and must not be mutated.
+    ``add`` maps one canonical event; a source's fused lane (``app.pipeline``) uses
+    ``plan``, ``forward`` and ``drop`` to map its common events without building them.
+    """
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        settings: OutputSettings,
+        now: datetime,
+        rejects: Sequence[Dropped] = (),
+    ) -> None:
+        self.source = source
+        self.settings = settings
+        self.dropped: list[Dropped] = list(rejects)
+        self.events: list[dict[str, Any]] = []
+        self.indexes: list[int] = []
+        self.custom_data_skipped = 0
+        now_ms = int(now.timestamp() * 1000)
+        self.oldest_ms = now_ms - settings.max_event_age_hours * 3_600_000
+        self.newest_ms = now_ms + FUTURE_TOLERANCE_MS
+        self.now_text = event_time_text(now_ms)
+        self.partner = settings.partner_name
+        self._extended = settings.match_keys == "extended"
+        self._eu = settings.region == "EU"
+        self._require_granted = settings.consent_mode == "require_granted"
+        self._conversions: dict[tuple[Any, ...], Conversion | str] = {}
+        self._users: dict[
+            tuple[Any, ...], tuple[str, list[dict[str, Any]], dict[str, Any]] | str
+        ] = {}
+        self._keys: dict[tuple[int, str], list[dict[str, Any]]] = {}
+        self._descriptions: dict[tuple[Any, ...], dict[str, str]] = {}
+
+    def drop(self, index: int, reason: str) -> None:
+        self.dropped.append(Dropped(index, reason))
+
+    def forward(self, index: int, amazon_event: dict[str, Any]) -> None:
+        self.events.append(amazon_event)
+        self.indexes.append(index)
+
+    def conversion(self, event: CanonicalEvent) -> Conversion | str:
+        key = (event.kind, event.name, event.action, event.conversion_type)
+        conversion = self._conversions.get(key)
         if conversion is None:
-            conversion = conversions[rule_key] = resolve(event, source, rules, defaults)
-        if not isinstance(conversion, Conversion):
-            drop(Dropped(event.index, conversion))
-            continue
-        ms = event.time_ms
-        if ms is not None:
-            if ms < oldest_ms:
-                drop(Dropped(event.index, "too_old"))
-                continue
-            if ms > newest_ms:
-                drop(Dropped(event.index, "in_future"))
-                continue
-        user = event.user
-        try:
-            country_key: tuple[Any, ...] = (id(user), *event.countries)
-            country = (
-                countries[country_key]
-                if country_key in countries
-                else countries.setdefault(country_key, _country(event))
+            conversion = self._conversions[key] = resolve(
+                event, self.source, self.settings.conversion_rules, self.settings.default_rules
             )
-        except TypeError:  # an unhashable country value (an object): computed uncached
-            country = _country(event)
-        if country is None:
-            drop(Dropped(event.index, "no_country_code"))
-            continue
-        cache_key = (id(user), country)
-        keys = keys_by_user.get(cache_key)
-        if keys is None:
-            keys = keys_by_user[cache_key] = match_keys(user, country, extended)
-        if not keys:
-            drop(Dropped(event.index, "no_match_key"))
-            continue
+        return conversion
+
+    def user_fields(
+        self, event: CanonicalEvent
+    ) -> tuple[str, list[dict[str, Any]], dict[str, Any]] | str:
+        """(countryCode, matchKeys, consent) for the event's user, or the drop reason."""
         signals = event.consent
-        consent_key: tuple[Any, ...] | None
-        if signals is NO_SIGNALS:
-            consent_key = (id(user),)
-        else:
+        # The UserContext is compared by identity: the adapter shares one per user.
+        key: tuple[Any, ...] = (id(event.user), event.countries)
+        if signals is not NO_SIGNALS:
             # Types are part of the key: True == 1 == 1.0 in Python, but they normalise
             # differently (1.0 is no consent spelling).
-            consent_key = (
-                id(user),
-                *(
-                    (type(raw), raw)
-                    for raw in (signals.user_data, signals.ad_storage, signals.tcf, signals.gpp)
-                ),
+            key += tuple(
+                (type(raw), raw)
+                for raw in (signals.user_data, signals.ad_storage, signals.tcf, signals.gpp)
             )
         try:
-            consent = consent_by_user.get(consent_key)
-        except TypeError:  # an unhashable signal (an object sent as tcf): no caching
-            consent_key, consent = None, None
-        if consent is None:
-            consent = _consent(event, settings)
-            if consent_key is not None:
-                consent_by_user[consent_key] = consent
-        if eu and not consent:
-            drop(Dropped(event.index, "missing_consent"))
-            continue
-        if require_granted and consent.get("amazonConsent", {}).get("amznUserData") != "GRANTED":
-            drop(Dropped(event.index, "consent_denied"))
-            continue
+            fields = self._users.get(key)
+        except TypeError:  # an unhashable value (an object sent as tcf): not memoised
+            return self._user_fields(event)
+        if fields is None:
+            fields = self._users[key] = self._user_fields(event)
+        return fields
 
-        conversion_type = conversion.conversion_type
-        set_name = conversion.data_set_name or event.data_set_name or data_set_name
-        description_key = (conversion, event.platform, set_name)
-        description = descriptions.get(description_key)
+    def _user_fields(
+        self, event: CanonicalEvent
+    ) -> tuple[str, list[dict[str, Any]], dict[str, Any]] | str:
+        country = _country(event)
+        if country is None:
+            return "no_country_code"
+        keys_key = (id(event.user), country)
+        keys = self._keys.get(keys_key)
+        if keys is None:
+            keys = self._keys[keys_key] = match_keys(event.user, country, self._extended)
+        if not keys:
+            return "no_match_key"
+        consent = _consent(event, self.settings)
+        if self._eu and not consent:
+            return "missing_consent"
+        if (
+            self._require_granted
+            and consent.get("amazonConsent", {}).get("amznUserData") != "GRANTED"
+        ):
+            return "consent_denied"
+        return country, keys, consent
+
+    def description(self, conversion: Conversion, event: CanonicalEvent) -> dict[str, str]:
+        set_name = conversion.data_set_name or event.data_set_name or self.settings.data_set_name
+        key = (conversion, event.platform, set_name)
+        description = self._descriptions.get(key)
         if description is None:
-            description = descriptions[description_key] = {
-                "conversionType": conversion_type,
+            description = self._descriptions[key] = {
+                "conversionType": conversion.conversion_type,
                 "eventSource": EVENT_SOURCE[event.platform],
                 "name": conversion.name,
                 "eventIngestionMethod": "SERVER_TO_SERVER",
             }
             if set_name:
                 description["dataSetName"] = set_name
+        return description
+
+    def plan(self, event: CanonicalEvent) -> Plan:
+        """The fields ``event`` shares with every event of the batch that has the same
+        user, platform, name, action and reserved attributes (a fused lane's memo)."""
+        conversion = self.conversion(event)
+        if not isinstance(conversion, Conversion):
+            return (conversion, None, {}, "", [], {}, False, False)
+        fields = self.user_fields(event)
+        if isinstance(fields, str):
+            return (None, fields, {}, "", [], {}, False, False)
+        country, keys, consent = fields
+        return (
+            None,
+            None,
+            self.description(conversion, event),
+            country,
+            keys,
+            consent,
+            conversion.conversion_type == PURCHASE,
+            event.limited_data_use,
+        )
+
+    def add(self, event: CanonicalEvent) -> None:
+        """Map one canonical event: forward it or drop it with the first reason (§9)."""
+        index = event.index
+        advertiser_id = self.settings.advertiser_id
+        if event.advertiser_id and advertiser_id and event.advertiser_id != advertiser_id:
+            self.dropped.append(
+                Dropped(index, "invalid_event", "advertiser_id is not this output's")
+            )
+            return
+        conversion = self.conversion(event)
+        if not isinstance(conversion, Conversion):
+            self.drop(index, conversion)
+            return
+        ms = event.time_ms
+        if ms is not None:
+            if ms < self.oldest_ms:
+                self.drop(index, "too_old")
+                return
+            if ms > self.newest_ms:
+                self.drop(index, "in_future")
+                return
+        fields = self.user_fields(event)
+        if isinstance(fields, str):
+            self.drop(index, fields)
+            return
+        country, keys, consent = fields
+        conversion_type = conversion.conversion_type
         amazon_event: dict[str, Any] = {
-            "eventDescription": description,
+            "eventDescription": self.description(conversion, event),
             "countryCode": country,
             "matchKeys": keys,
-            "eventTime": event_time_text(ms) if ms is not None else now_text,
+            "eventTime": event_time_text(ms) if ms is not None else self.now_text,
             "eventId": (
                 event.event_id[:MAX_TEXT]
                 if event.event_id
-                else deterministic_event_id(settings.connection_id, event.source_event)
+                else deterministic_event_id(self.settings.connection_id, event.source_event)
             ),
         }
         is_purchase = conversion_type == PURCHASE
@@ -440,20 +533,40 @@ def map_events(
                     amazon_event["unitsSold"] = units
         if event.attributes:
             entries, skipped = custom_data(event.attributes)
-            result.custom_data_skipped += skipped
+            self.custom_data_skipped += skipped
             if entries:
                 amazon_event["customData"] = entries
         if event.limited_data_use:
-            amazon_event["dataProcessingOptions"] = {"options": "LIMITED_DATA_USE"}
+            amazon_event["dataProcessingOptions"] = LIMITED_DATA_USE
         if consent:
             amazon_event["consent"] = consent
-        if partner:
-            amazon_event["partner"] = partner
-        out.append(amazon_event)
-        out_index.append(event.index)
+        if self.partner:
+            amazon_event["partner"] = self.partner
+        self.forward(index, amazon_event)
 
-    for start in range(0, len(out), MAX_EVENTS_PER_REQUEST):
-        result.requests.append({"events": out[start : start + MAX_EVENTS_PER_REQUEST]})
-        result.index_maps.append(out_index[start : start + MAX_EVENTS_PER_REQUEST])
-    result.dropped.sort(key=lambda d: d.index)
-    return result
+    def result(self) -> MapResult:
+        result = MapResult(dropped=self.dropped, custom_data_skipped=self.custom_data_skipped)
+        for start in range(0, len(self.events), MAX_EVENTS_PER_REQUEST):
+            end = start + MAX_EVENTS_PER_REQUEST
+            result.requests.append({"events": self.events[start:end]})
+            result.index_maps.append(self.indexes[start:end])
+        result.dropped.sort(key=lambda d: d.index)
+        return result
+
+
+LIMITED_DATA_USE: dict[str, str] = {"options": "LIMITED_DATA_USE"}  # shared, never mutated
+
+
+def map_events(
+    events: Sequence[CanonicalEvent],
+    *,
+    source: str,
+    settings: OutputSettings,
+    now: datetime,
+    rejects: Sequence[Dropped] = (),
+) -> MapResult:
+    """Map one inbound batch. ``rejects`` are the adapter's invalid_event drops."""
+    mapper = BatchMapper(source=source, settings=settings, now=now, rejects=rejects)
+    for event in events:
+        mapper.add(event)
+    return mapper.result()

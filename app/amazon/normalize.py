@@ -206,10 +206,27 @@ def currency_code(raw: Any) -> str | None:
     return code if code in CURRENCY_CODES else None
 
 
+def _ipv4_octet(text: str) -> bool:
+    # ipaddress's rule: 1-3 ASCII digits, no leading zero, at most 255.
+    return (
+        text.isascii()
+        and text.isdigit()
+        and len(text) <= 3
+        and (text[0] != "0" or text == "0")
+        and int(text) <= 255
+    )
+
+
 @functools.lru_cache(maxsize=4096)
 def _ip_text(text: str) -> str | None:
+    text = text.strip()
+    octets = text.split(".")
+    # Dotted IPv4, the usual case, checked as ipaddress would without building an
+    # address object (once per user and batch, so a measurable share of a batch).
+    if len(octets) == 4 and all(_ipv4_octet(octet) for octet in octets):
+        return text
     try:
-        return str(ipaddress.ip_address(text.strip()))
+        return str(ipaddress.ip_address(text))
     except ValueError:
         return None
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import orjson
+
 from app.canonical import (
     NO_SIGNALS,
     CanonicalEvent,
@@ -109,7 +111,15 @@ def _identities(batch: dict[str, Any], device: dict[str, Any]) -> Identities:
         elif kind in _MATCH_ID_KEYS and match_id is None:
             match_id = nonblank(value)
     attributes = _dict(batch.get("user_attributes"))
-    extended = {field: nonblank(first_key(attributes, key)) for field, key in _EXTENDED_ATTRIBUTES}
+    # first_key for each attribute, with the keys case-folded once instead of per field.
+    folded: dict[str, Any] = {}
+    for key, value in attributes.items():
+        if isinstance(key, str):
+            folded.setdefault(key.lower(), value)
+    extended = {
+        field: nonblank(attributes[key] if key in attributes else folded.get(key))
+        for field, key in _EXTENDED_ATTRIBUTES
+    }
     return Identities(
         emails=tuple(emails),
         phones=tuple(phone for key in _PHONE_KEYS for phone in phones[key]),
@@ -130,7 +140,8 @@ def _consent_state(raw: Any) -> ConsentState:
     return ConsentState(ccpa_opted_out=ccpa.get("consented") is True, gdpr=gdpr)
 
 
-def _user(batch: dict[str, Any]) -> tuple[UserContext, Platform]:
+def batch_user(batch: dict[str, Any]) -> tuple[UserContext, Platform]:
+    """The user every event of the batch shares, and the platform of its device."""
     device = _dict(batch.get("device_info"))
     platform = _platform(device.get("platform"))
     if platform is Platform.OFFLINE:
@@ -170,21 +181,24 @@ def _units(products: Any) -> Decimal | None:
     return decimal_sum([Decimal(whole), *others] if found else others)
 
 
-_RESERVED_BY_NAME: dict[str, str | None] = {}
+# Keys already seen -> the reserved attribute they name, or None (read directly by the
+# fused lane in app.pipeline; reserved_name fills it).
+RESERVED_BY_NAME: dict[str, str | None] = {}
 
 
-def _reserved_name(key: str) -> str | None:
+def reserved_name(key: str) -> str | None:
     """The reserved attribute a key names (any case), or None; memoised per key."""
-    found = _RESERVED_BY_NAME.get(key, "")
+    found = RESERVED_BY_NAME.get(key, "")
     if found == "":
         lowered = key.lower()
         found = lowered if lowered in RESERVED_ATTRIBUTES else None
-        if len(_RESERVED_BY_NAME) < 65536:
-            _RESERVED_BY_NAME[key] = found
+        if len(RESERVED_BY_NAME) < 65536:
+            RESERVED_BY_NAME[key] = found
     return found
 
 
-def _event(index: int, raw: Any, user: UserContext, platform: Platform) -> CanonicalEvent:
+def canonical_event(index: int, raw: Any, user: UserContext, platform: Platform) -> CanonicalEvent:
+    """One inbound event; raises InvalidEventError when a field has the wrong type."""
     if not isinstance(raw, dict):
         raise InvalidEventError("event is not an object")
     data = raw.get("data")
@@ -214,7 +228,7 @@ def _event(index: int, raw: Any, user: UserContext, platform: Platform) -> Canon
     regular: list[tuple[str, Any]] = []
     reserved: dict[str, Any] = {}
     for key, attribute in attributes.items():
-        lowered = _reserved_name(key)
+        lowered = reserved_name(key)
         if lowered is None:
             regular.append((key, attribute))
         elif lowered not in reserved:
@@ -252,25 +266,63 @@ def _event(index: int, raw: Any, user: UserContext, platform: Platform) -> Canon
     )
 
 
+# A JSON number of 19 or more digits is what jsonutil.loads must read with the
+# standard library (orjson turns integers beyond 64 bits into floats). Its exact check
+# is a regex over the whole body, which costs more than orjson.loads itself; this
+# translation finds every candidate (digits after ':', '[' or ',' and whitespace) at
+# memory speed, so the exact check runs only for bodies that may hold one.
+def _digit_run_table() -> bytes:
+    """Digits -> '0', the bytes a number may follow -> ':', '-' kept, the rest -> 'x'."""
+    table = bytearray(b"x" * 256)
+    for byte in b"0123456789":
+        table[byte] = ord("0")
+    for byte in b":[,":
+        table[byte] = ord(":")
+    table[ord("-")] = ord("-")
+    return bytes(table)
+
+
+_DIGIT_RUN_TABLE = _digit_run_table()
+_REGEX_WHITESPACE = b" \t\n\r\x0b\x0c"  # what the check's \s matches: deleted first
+_LONG_RUN, _LONG_NEGATIVE_RUN = b":" + b"0" * 19, b":-" + b"0" * 19
+
+
+def may_hold_long_number(body: bytes) -> bool:
+    """False when ``body`` has no JSON number of 19 or more digits (true may be wrong)."""
+    runs = body.translate(_DIGIT_RUN_TABLE, _REGEX_WHITESPACE)
+    return _LONG_RUN in runs or _LONG_NEGATIVE_RUN in runs
+
+
+def batch_events(payload: Any) -> list[Any]:
+    """The inbound events of a batch; raises PayloadError when it is not a batch."""
+    if not isinstance(payload, dict):
+        raise PayloadError("batch must be a JSON object")
+    events = payload.get("events")
+    if events is None:
+        return []  # a batch with only user data carries no conversions
+    if not isinstance(events, list):
+        raise PayloadError("events must be a list")
+    return events
+
+
 class MParticleAdapter:
     name = NAME
 
     def decode(self, body: bytes, content_type: str | None = None) -> Any:
+        if type(body) is bytes and not may_hold_long_number(body):
+            try:
+                return orjson.loads(body)
+            except orjson.JSONDecodeError:
+                pass  # decode_json retries with the standard library and words the error
         return decode_json(body)
 
     def parse(self, payload: Any) -> ParsedBatch:
-        if not isinstance(payload, dict):
-            raise PayloadError("batch must be a JSON object")
-        events = payload.get("events")
-        if events is None:
-            events = []  # a batch with only user data carries no conversions
-        if not isinstance(events, list):
-            raise PayloadError("events must be a list")
-        user, platform = _user(payload)
+        events = batch_events(payload)
+        user, platform = batch_user(payload)
         parsed = ParsedBatch()
         for index, raw in enumerate(events):
             try:
-                parsed.events.append(_event(index, raw, user, platform))
+                parsed.events.append(canonical_event(index, raw, user, platform))
             except InvalidEventError as problem:
                 parsed.rejects.append(Dropped(index, "invalid_event", str(problem)))
         return parsed
