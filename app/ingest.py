@@ -1,8 +1,8 @@
 """Accepting an inbound batch: map it and queue its deliveries in one transaction.
 
-Either every Events API request of the batch is durably queued, or (any error)
-nothing is: the caller's transaction commits after this returns, and the client
-is answered only after the commit.
+Either every Events API request of the batch is durably queued (or, when every event
+was dropped, the record of that), or (any error) nothing is: the caller's transaction
+commits after this returns, and the client is answered only after the commit.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ async def accept_batch(
             body=orjson.dumps(request),
             index_map=index_map,
             connection_id=connection.id,
-            # The batch's drops are kept with its first request, for the deliveries view.
+            # The batch's drops are kept with its first request, for the deliveries view
+            # and the drop counts (app/db/stats.py).
             dropped=dropped if position == 0 else None,
         )
         for position, (request, index_map) in enumerate(
@@ -73,6 +74,18 @@ async def accept_batch(
         )
     ]
     ids = await repo.insert_deliveries(session, items, now=now)
+    if not ids and dropped:
+        # No request, so no first request to keep the drops: the batch's only trace.
+        # Only here, so a batch with deliveries costs no extra statement while it holds
+        # SQLite's write lock (docs/decisions/0011-drop-records.md).
+        await repo.record_dropped_batch(
+            session,
+            output_id=output.id,
+            connection_id=connection.id,
+            source=source,
+            dropped=dropped,
+            now=now,
+        )
     return BatchSummary(
         received=result.forwarded + len(result.dropped),
         accepted=result.forwarded,

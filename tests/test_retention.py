@@ -50,3 +50,24 @@ async def test_prune_removes_only_old_delivered_rows(
     async with sessionmaker() as session:
         left = {d.id for d in await repo.list_deliveries(session, limit=1000)}
     assert left == set(old_dead) | set(recent_delivered) | set(pending)
+
+
+async def test_prune_removes_old_records_of_all_dropped_batches(
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> None:
+    now = utcnow()
+    drops = [{"index": 0, "reason": "unmapped_event"}]
+    async with sessionmaker() as session, session.begin():
+        output = await repo.create_output(session, name="o", advertiser_id="1")
+        for when in [now - timedelta(days=10)] * 5 + [now - timedelta(days=1)] * 2:
+            await repo.record_dropped_batch(
+                session, output_id=output.id, source="mparticle", dropped=drops, now=when
+            )
+
+    # No delivery is old enough to go: the loop must still go on while drop records do.
+    await prune_once(sessionmaker, 7, now=now, batch_size=2)
+
+    async with sessionmaker() as session:
+        left = await repo.recent_dropped_batches(session, output.id, limit=100)
+    assert len(left) == 2
+    assert all(now - row.created_at < timedelta(days=2) for row in left)

@@ -670,6 +670,48 @@ async def test_prune_in_batches(session: AsyncSession) -> None:
     assert remaining <= set(ids)
 
 
+async def test_dropped_batches_are_listed_newest_first_and_pruned_in_batches(
+    session: AsyncSession,
+) -> None:
+    output = await _output(session)
+    other = await _output(session)
+    dropped = [{"index": 0, "reason": "too_old"}, {"index": 1, "reason": "no_match_key"}]
+    for day in range(5):  # T0 - 4 days … T0
+        await repo.record_dropped_batch(
+            session,
+            batch_id=f"bat_day{day}",
+            output_id=output.id,
+            source="records",
+            dropped=dropped,
+            now=T0 - timedelta(days=4 - day),
+        )
+    made = await repo.record_dropped_batch(
+        session, output_id=other.id, source="segment", dropped=dropped[:1], now=T0
+    )
+    assert made.startswith("bat_")
+    with pytest.raises(ValueError, match="at least one dropped event"):
+        await repo.record_dropped_batch(session, output_id=output.id, source="records", dropped=[])
+    await session.commit()
+
+    recent = await repo.recent_dropped_batches(session, output.id, limit=3)
+    assert [r.batch_id for r in recent] == ["bat_day4", "bat_day3", "bat_day2"]
+    assert (recent[0].dropped_count, recent[0].dropped, recent[0].created_at) == (2, dropped, T0)
+    await session.commit()  # ends the read's transaction: each prune below takes its own
+
+    cutoff = T0 - timedelta(days=1, hours=12)  # keeps day 3 (T0 - 1 day) and day 4
+    deleted = []
+    while True:
+        async with session.begin():
+            count = await repo.prune_dropped_batches(session, cutoff, batch_size=2)
+        deleted.append(count)
+        if count < 2:
+            break
+    assert deleted == [2, 1]
+    left = await repo.recent_dropped_batches(session, output.id)
+    assert [r.batch_id for r in left] == ["bat_day4", "bat_day3"]
+    assert [r.batch_id for r in await repo.recent_dropped_batches(session, other.id)] == [made]
+
+
 async def test_timestamps_round_trip_as_aware_utc(session: AsyncSession) -> None:
     output = await _output(session)
     local = datetime(2025, 3, 1, 14, 0, tzinfo=UTC).astimezone()  # any offset

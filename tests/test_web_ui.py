@@ -23,6 +23,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 
+from app import jsonutil
 from app.config import Settings, isolated_settings
 from app.db import repository as repo
 from app.db import stats
@@ -794,6 +795,55 @@ async def test_output_page_counts_and_chart(admin: UI) -> None:
     assert cells == ["2", "2"]
 
 
+def all_dropped_batch() -> str:
+    """The sample batch with only its two events that are never forwarded."""
+    batch = jsonutil.loads(sample_batch())
+    batch["events"] = batch["events"][2:]  # a custom event and a purchase 3 days old
+    return jsonutil.dumps(batch).decode()
+
+
+async def test_output_page_counts_and_lists_a_batch_whose_every_event_was_dropped(
+    admin: UI,
+) -> None:
+    output_id = await admin.create_output()
+    created = await admin.create_connection(output_id)
+    answer = await admin.client.post(
+        "/v2/events",
+        content=all_dropped_batch(),
+        auth=(created["key"], created["secret"]),
+        headers={"Content-Type": "application/json"},
+    )
+    assert answer.status_code == 202, answer.text
+    assert answer.json() == {
+        "accepted": 0,
+        "dropped": [
+            {"index": 0, "reason": "not_commerce_event"},
+            {"index": 1, "reason": "too_old"},
+        ],
+        "deliveries": [],
+    }
+    page = await admin.client.get(f"/ui/outputs/{output_id}")
+    check_page(page.text)
+    flat = re.sub(r"\s+", " ", page.text)
+    assert '<span class="stat-value">0</span> events forwarded' in flat
+    assert '<span class="stat-value">2</span> events dropped' in flat
+    assert '<span class="stat-value">0</span> Amazon requests' in flat
+    assert "0 event(s) forwarded and 2 dropped in 24 hour(s)" in page.text
+    reasons = flat.split('id="reasons-caption"', 1)[1].split("</table>", 1)[0]
+    assert '<code>not_commerce_event</code></th><td class="num">1</td>' in reasons
+    assert '<code>too_old</code></th><td class="num">1</td>' in reasons
+    # No delivery to show, but the batch is listed with its connection and reasons.
+    assert "No deliveries yet." in flat
+    listed = flat.split('id="dropped-batches-caption"', 1)[1].split("</table>", 1)[0]
+    assert listed.count("<tr>") == 2  # the header and the batch
+    assert "web site" in listed
+    assert '<td class="num">2</td>' in listed
+    assert "<code>not_commerce_event</code>: 1" in listed
+    assert "<code>too_old</code>: 1" in listed
+    listing = await admin.client.get("/ui/")
+    assert re.findall(r'<td class="num">(\d+)</td>', listing.text) == ["0", "2"]
+
+
 async def test_preview_maps_a_pasted_batch(admin: UI) -> None:
     output_id = await admin.create_output()
     form = await admin.client.get(f"/ui/outputs/{output_id}/preview?sample=mparticle")
@@ -868,17 +918,24 @@ def test_nice_ceiling(value: int, expected: int) -> None:
 # --- stats (app/db/stats.py) ---------------------------------------------------------------
 
 
-async def _deliveries(
+async def _batch(
     session: AsyncSession, output_id: str, at: datetime, events: int, dropped: list[Any] | None
 ) -> None:
-    item = repo.NewDelivery(
-        output_id=output_id,
-        source="mparticle",
-        body=b'{"events": []}',
-        index_map=list(range(events)),
-        dropped=dropped,
-    )
-    await repo.insert_deliveries(session, [item], now=at)
+    """One inbound batch as ingest stores it: a delivery keeping the drops if any event
+    was forwarded, else a dropped-batch row."""
+    if events:
+        item = repo.NewDelivery(
+            output_id=output_id,
+            source="mparticle",
+            body=b'{"events": []}',
+            index_map=list(range(events)),
+            dropped=dropped,
+        )
+        await repo.insert_deliveries(session, [item], now=at)
+    elif dropped:
+        await repo.record_dropped_batch(
+            session, output_id=output_id, source="mparticle", dropped=dropped, now=at
+        )
 
 
 async def test_stats_totals_hours_and_reasons(session: AsyncSession) -> None:
@@ -887,24 +944,32 @@ async def test_stats_totals_hours_and_reasons(session: AsyncSession) -> None:
     two = await repo.create_output(session, name="two", advertiser_id="2")
     quiet = await repo.create_output(session, name="quiet", advertiser_id="3")
     too_old = [{"index": 3, "reason": "too_old"}]
-    await _deliveries(session, one.id, now - timedelta(minutes=5), 3, too_old)
-    await _deliveries(
+    await _batch(session, one.id, now - timedelta(minutes=5), 3, too_old)
+    await _batch(
         session,
         one.id,
         now - timedelta(hours=2, minutes=10),
         2,
         [{"index": 0, "reason": "no_match_key"}, {"index": 1, "reason": "too_old"}],
     )
-    await _deliveries(session, one.id, now - timedelta(hours=2), 4, None)  # second request
-    await _deliveries(session, one.id, now - timedelta(hours=30), 7, too_old)  # out of window
-    await _deliveries(session, two.id, now - timedelta(hours=23), 1, [])
-    await _deliveries(session, two.id, now - timedelta(hours=1), 0, [{"reason_missing": 1}])
+    await _batch(session, one.id, now - timedelta(hours=2), 4, None)  # nothing dropped
+    await _batch(session, one.id, now - timedelta(hours=30), 7, too_old)  # out of window
+    await _batch(session, two.id, now - timedelta(hours=23), 1, [])
+    await _batch(session, two.id, now - timedelta(hours=1), 0, [{"reason_missing": 1}])
+    # Every event dropped, no delivery: counted from its dropped-batch row.
+    await _batch(
+        session,
+        one.id,
+        now - timedelta(hours=2, minutes=5),
+        0,
+        [{"index": 0, "reason": "not_commerce_event"}, {"index": 1, "reason": "too_old"}],
+    )
     await session.commit()
 
     since = now - timedelta(hours=24)
     totals = await stats.totals_by_output(session, [one.id, two.id, quiet.id], since=since)
-    assert totals[one.id] == stats.Totals(forwarded=9, dropped=3, deliveries=3)
-    assert totals[two.id] == stats.Totals(forwarded=1, dropped=1, deliveries=2)
+    assert totals[one.id] == stats.Totals(forwarded=9, dropped=5, deliveries=3)
+    assert totals[two.id] == stats.Totals(forwarded=1, dropped=1, deliveries=1)
     assert totals[quiet.id] == stats.Totals()
     assert await stats.totals_by_output(session, [], since=since) == {}
 
@@ -913,25 +978,29 @@ async def test_stats_totals_hours_and_reasons(session: AsyncSession) -> None:
     assert hours[0].start == datetime(2025, 6, 1, 13, tzinfo=UTC)
     assert hours[-1].start == datetime(2025, 6, 2, 12, tzinfo=UTC)
     assert [(h.start.hour, h.forwarded, h.dropped) for h in hours if h.forwarded or h.dropped] == [
-        (10, 6, 2),
+        (10, 6, 4),
         (12, 3, 1),
     ]
     everything = await stats.hourly(session, [one.id, two.id, quiet.id], now=now)
     assert sum(h.forwarded for h in everything) == 10
-    assert sum(h.dropped for h in everything) == 4
+    assert sum(h.dropped for h in everything) == 6
+    assert (everything[-2].forwarded, everything[-2].dropped) == (0, 1)  # 11:00, output two
     with pytest.raises(ValueError, match="hours"):
         await stats.hourly(session, [one.id], now=now, hours=0)
     nothing = await stats.hourly(session, [], now=now)
     assert len(nothing) == 24
     assert not any(h.forwarded or h.dropped for h in nothing)
 
+    # Reasons from deliveries and dropped-batch rows together, most first.
     assert await stats.drop_reasons(session, [one.id], since=since) == [
-        ("too_old", 2),
+        ("too_old", 3),
         ("no_match_key", 1),
+        ("not_commerce_event", 1),
     ]
     assert await stats.drop_reasons(session, [one.id, two.id], since=since) == [
-        ("too_old", 2),
+        ("too_old", 3),
         ("no_match_key", 1),
+        ("not_commerce_event", 1),
         ("unknown", 1),
     ]
     assert await stats.drop_reasons(session, [quiet.id], since=since) == []

@@ -1,4 +1,5 @@
-"""The four tables: outputs, their credentials, connections into them, and deliveries.
+"""The tables: outputs, their credentials, connections into them, deliveries, inbound
+batches whose every event was dropped, and Login with Amazon flows in progress.
 
 ORM models only: no wire (API) shapes here and no queries (those are in repository.py).
 """
@@ -198,6 +199,46 @@ class Delivery(Base):
 
     def __repr__(self) -> str:
         return f"Delivery(id={self.id!r}, status={self.status!r}, attempts={self.attempts!r})"
+
+
+class DroppedBatch(Base):
+    """An inbound batch whose every event was dropped before sending, and why.
+
+    Such a batch has no delivery, so this append-only row, written in the transaction
+    that accepts the batch, is its only trace. A batch with at least one forwarded event
+    keeps its drops on its first delivery (``Delivery.dropped``) instead: each batch's
+    drops are in exactly one place, and counting both places counts each once
+    (app/db/stats.py, docs/decisions/0011-drop-records.md).
+    """
+
+    __tablename__ = "dropped_batches"
+    __table_args__ = (
+        _one_of("source", Source, "source"),
+        # The output page's counts, hourly chart and list: one output, newest first.
+        Index("ix_dropped_batches_output_id_created_at", "output_id", "created_at"),
+        # Pruning rows past retention.
+        Index("ix_dropped_batches_created_at", "created_at"),
+    )
+
+    batch_id: Mapped[str] = mapped_column(
+        String(32), primary_key=True, default=lambda: new_id("bat")
+    )
+    output_id: Mapped[str] = mapped_column(String(32), ForeignKey("outputs.id", ondelete="CASCADE"))
+    connection_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("connections.id", ondelete="SET NULL")
+    )
+    source: Mapped[str] = mapped_column(String(16))
+    # len(dropped): the events of the batch, every one dropped; summed without JSON functions.
+    dropped_count: Mapped[int] = mapped_column(Integer)
+    # [{"index", "reason"[, "detail"]}], as the ingest answer gave them.
+    dropped: Mapped[list[Any]] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    def __repr__(self) -> str:
+        return (
+            f"DroppedBatch(batch_id={self.batch_id!r}, output_id={self.output_id!r}, "
+            f"dropped_count={self.dropped_count!r})"
+        )
 
 
 class OAuthState(Base):

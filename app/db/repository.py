@@ -50,6 +50,7 @@ from app.db.models import (
     Credential,
     Delivery,
     DeliveryStatus,
+    DroppedBatch,
     OAuthState,
     Output,
     OutputStatus,
@@ -916,6 +917,73 @@ async def prune_delivered(
     result = await session.execute(
         delete(Delivery)
         .where(Delivery.id.in_(chosen.correlate(None).scalar_subquery()))
+        .execution_options(synchronize_session=False)
+    )
+    return _rowcount(result)
+
+
+# --- Batches whose every event was dropped ---------------------------------------------
+
+
+async def record_dropped_batch(
+    session: AsyncSession,
+    *,
+    output_id: str,
+    source: Source | str,
+    dropped: Sequence[Mapping[str, Any]],
+    connection_id: str | None = None,
+    batch_id: str | None = None,
+    now: datetime | None = None,
+) -> str:
+    """Keep the trace of a batch that queued no delivery (every event dropped); its id.
+
+    A plain INSERT of a new row: concurrent ingests never wait on one another here, as
+    they would on a shared counter row.
+    """
+    if not dropped:
+        raise ValueError("a dropped batch has at least one dropped event")
+    batch = batch_id or new_id("bat")
+    await session.execute(
+        insert(DroppedBatch).values(
+            batch_id=batch,
+            output_id=output_id,
+            connection_id=connection_id,
+            source=Source(source).value,
+            dropped_count=len(dropped),
+            dropped=[dict(d) for d in dropped],
+            created_at=now or utcnow(),
+        )
+    )
+    return batch
+
+
+async def recent_dropped_batches(
+    session: AsyncSession, output_id: str, *, limit: int = 10
+) -> list[DroppedBatch]:
+    """The output's latest batches whose every event was dropped, newest first."""
+    result = await session.scalars(
+        select(DroppedBatch)
+        .where(DroppedBatch.output_id == output_id)
+        .order_by(DroppedBatch.created_at.desc(), DroppedBatch.batch_id.desc())
+        .limit(limit)
+    )
+    return list(result)
+
+
+async def prune_dropped_batches(
+    session: AsyncSession, older_than: datetime, batch_size: int = 500
+) -> int:
+    """Delete one batch of dropped-batch rows created before ``older_than``; how many.
+
+    Like prune_delivered: call it in short transactions until it returns less than
+    ``batch_size``. The rows are history only (nothing retries a drop), so all go.
+    """
+    chosen = (
+        select(DroppedBatch.batch_id).where(DroppedBatch.created_at < older_than).limit(batch_size)
+    )
+    result = await session.execute(
+        delete(DroppedBatch)
+        .where(DroppedBatch.batch_id.in_(chosen.correlate(None).scalar_subquery()))
         .execution_options(synchronize_session=False)
     )
     return _rowcount(result)

@@ -1,19 +1,20 @@
 """Read-only counts for the web UI: events forwarded and dropped, per output and per hour.
 
 "Forwarded" is the sum of ``event_count`` over the deliveries created in the window
-(events queued for Amazon); "dropped" counts the entries of their ``dropped`` JSON (the
-batch's drops are kept with its first delivery, see app/ingest.py). A batch whose
-every event was dropped creates no delivery, so its drops are not counted here: the
-``relay_events_dropped_total`` metric has them.
+(events queued for Amazon). "Dropped" adds up the two places a batch's drops are kept,
+each batch being in exactly one of them (app/ingest.py): the ``dropped`` JSON of its
+first delivery, or, for a batch whose every event was dropped and that therefore has no
+delivery, its ``dropped_batches`` row (docs/decisions/0011-drop-records.md).
 
-The JSON functions differ by backend (SQLite's JSON1, PostgreSQL's jsonb); ``dropped``
-may hold SQL NULL or a JSON ``null``, which both count as no drops. Every query is
-bounded by ``created_at`` and, where an output is named, uses the
-``(output_id, created_at)`` index.
+The JSON functions differ by backend (SQLite's JSON1, PostgreSQL's jsonb); a delivery's
+``dropped`` may hold SQL NULL or a JSON ``null``, which both count as no drops. Every
+query is bounded by ``created_at`` and uses the table's ``(output_id, created_at)``
+index.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,8 +23,9 @@ from typing import Any
 from sqlalchemy import ColumnElement, Integer, case, cast, func, literal, select, true
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
 
-from app.db.models import Delivery
+from app.db.models import Delivery, DroppedBatch
 
 HOUR = timedelta(hours=1)
 _HOUR_KEY = "%Y-%m-%dT%H"  # what both backends' hour expressions produce
@@ -48,7 +50,7 @@ def _postgres(session: AsyncSession) -> bool:
 
 
 def _dropped_array(session: AsyncSession) -> ColumnElement[Any]:
-    """``dropped`` when it is a JSON array, else an empty array (never NULL)."""
+    """A delivery's ``dropped`` when it is a JSON array, else an empty array (never NULL)."""
     if _postgres(session):
         return case(
             (func.jsonb_typeof(Delivery.dropped) == "array", Delivery.dropped),
@@ -65,11 +67,11 @@ def _drop_count(session: AsyncSession) -> ColumnElement[int]:
     return getattr(func, length)(_dropped_array(session), type_=Integer)  # type: ignore[no-any-return]
 
 
-def _hour_key(session: AsyncSession) -> ColumnElement[str]:
+def _hour_key(session: AsyncSession, created_at: InstrumentedAttribute[datetime]) -> Any:
     if _postgres(session):
-        return func.to_char(func.timezone("UTC", Delivery.created_at), 'YYYY-MM-DD"T"HH24')
+        return func.to_char(func.timezone("UTC", created_at), 'YYYY-MM-DD"T"HH24')
     # SQLite stores the UTC time as text (app.db.base.UTCDateTime).
-    return func.strftime(_HOUR_KEY, Delivery.created_at)
+    return func.strftime(_HOUR_KEY, created_at)
 
 
 def floor_hour(moment: datetime) -> datetime:
@@ -79,25 +81,35 @@ def floor_hour(moment: datetime) -> datetime:
 async def totals_by_output(
     session: AsyncSession, output_ids: Sequence[str], *, since: datetime
 ) -> dict[str, Totals]:
-    """Per output: events forwarded and dropped by deliveries created at or after ``since``.
+    """Per output: events forwarded and dropped by the batches accepted since ``since``,
+    and the deliveries made of them.
 
-    Every id asked for is in the answer (zeros when it has no deliveries).
+    Every id asked for is in the answer (zeros when it has none).
     """
-    answer = {output_id: Totals() for output_id in output_ids}
     if not output_ids:
-        return answer
-    rows = await session.execute(
+        return {}
+    ids = list(output_ids)
+    delivery_rows = await session.execute(
         select(
             Delivery.output_id,
             func.coalesce(func.sum(Delivery.event_count), 0),
             func.coalesce(func.sum(_drop_count(session)), 0),
             func.count(),
         )
-        .where(Delivery.output_id.in_(list(output_ids)), Delivery.created_at >= since)
+        .where(Delivery.output_id.in_(ids), Delivery.created_at >= since)
         .group_by(Delivery.output_id)
     )
-    for output_id, forwarded, dropped, deliveries in rows:
+    answer = {output_id: Totals() for output_id in ids}
+    for output_id, forwarded, dropped, deliveries in delivery_rows:
         answer[output_id] = Totals(int(forwarded), int(dropped), int(deliveries))
+    batch_rows = await session.execute(
+        select(DroppedBatch.output_id, func.sum(DroppedBatch.dropped_count))
+        .where(DroppedBatch.output_id.in_(ids), DroppedBatch.created_at >= since)
+        .group_by(DroppedBatch.output_id)
+    )
+    for output_id, dropped in batch_rows:
+        found = answer[output_id]
+        answer[output_id] = Totals(found.forwarded, found.dropped + int(dropped), found.deliveries)
     return answer
 
 
@@ -110,26 +122,65 @@ async def hourly(
 ) -> list[HourCount]:
     """Forwarded and dropped per UTC hour by these outputs together, oldest first:
     ``hours`` buckets, the last being the hour ``now`` is in (so far). Hours without
-    deliveries are zeros."""
+    events are zeros."""
     if hours < 1:
         raise ValueError("hours must be at least 1")
     first = floor_hour(now) - (hours - 1) * HOUR
-    key = _hour_key(session)
-    statement = select(
-        key,
-        func.coalesce(func.sum(Delivery.event_count), 0),
-        func.coalesce(func.sum(_drop_count(session)), 0),
-    ).where(Delivery.output_id.in_(list(output_ids)), Delivery.created_at >= first)
-    found: dict[str, tuple[int, int]] = {}
+    forwarded: Counter[str] = Counter()
+    dropped: Counter[str] = Counter()
     if output_ids:
-        rows = await session.execute(statement.group_by(key))
-        found = {str(hour): (int(forwarded), int(dropped)) for hour, forwarded, dropped in rows}
+        ids = list(output_ids)
+        delivery_hour = _hour_key(session, Delivery.created_at)
+        rows = await session.execute(
+            select(
+                delivery_hour,
+                func.coalesce(func.sum(Delivery.event_count), 0),
+                func.coalesce(func.sum(_drop_count(session)), 0),
+            )
+            .where(Delivery.output_id.in_(ids), Delivery.created_at >= first)
+            .group_by(delivery_hour)
+        )
+        for hour, events, drops in rows:
+            forwarded[str(hour)] += int(events)
+            dropped[str(hour)] += int(drops)
+        batch_hour = _hour_key(session, DroppedBatch.created_at)
+        rows = await session.execute(
+            select(batch_hour, func.sum(DroppedBatch.dropped_count))
+            .where(DroppedBatch.output_id.in_(ids), DroppedBatch.created_at >= first)
+            .group_by(batch_hour)
+        )
+        for hour, drops in rows:
+            dropped[str(hour)] += int(drops)
     buckets = []
     for position in range(hours):
         start = first + position * HOUR
-        forwarded, dropped = found.get(start.strftime(_HOUR_KEY), (0, 0))
-        buckets.append(HourCount(start=start, forwarded=forwarded, dropped=dropped))
+        key = start.strftime(_HOUR_KEY)
+        buckets.append(HourCount(start=start, forwarded=forwarded[key], dropped=dropped[key]))
     return buckets
+
+
+async def _reasons(
+    session: AsyncSession,
+    array: ColumnElement[Any] | InstrumentedAttribute[Any],
+    table: Any,
+    where: Sequence[ColumnElement[bool]],
+) -> Counter[str]:
+    """How many entries of the JSON array ``array`` of ``table``'s rows have each reason."""
+    if _postgres(session):
+        items = func.jsonb_array_elements(array).table_valued("value", joins_implicitly=True)
+        reason: ColumnElement[Any] = func.jsonb_extract_path_text(items.c.value, "reason")
+    else:
+        items = func.json_each(array).table_valued("value", joins_implicitly=True)
+        reason = func.json_extract(items.c.value, "$.reason")
+    label = func.coalesce(reason, "unknown").label("reason")
+    rows = await session.execute(
+        select(label, func.count())
+        .select_from(table)
+        .join(items, true())
+        .where(*where)
+        .group_by(label)
+    )
+    return Counter({str(name): int(count) for name, count in rows})
 
 
 async def drop_reasons(
@@ -139,19 +190,17 @@ async def drop_reasons(
     most first."""
     if not output_ids:
         return []
-    array = _dropped_array(session)
-    if _postgres(session):
-        items = func.jsonb_array_elements(array).table_valued("value", joins_implicitly=True)
-        reason: ColumnElement[Any] = func.jsonb_extract_path_text(items.c.value, "reason")
-    else:
-        items = func.json_each(array).table_valued("value", joins_implicitly=True)
-        reason = func.json_extract(items.c.value, "$.reason")
-    label = func.coalesce(reason, "unknown").label("reason")
-    statement = (
-        select(label, func.count().label("events"))
-        .select_from(Delivery)
-        .join(items, true())
-        .where(Delivery.output_id.in_(list(output_ids)), Delivery.created_at >= since)
+    ids = list(output_ids)
+    counts = await _reasons(
+        session,
+        _dropped_array(session),
+        Delivery,
+        [Delivery.output_id.in_(ids), Delivery.created_at >= since],
     )
-    rows = await session.execute(statement.group_by(label).order_by(func.count().desc(), label))
-    return [(str(name), int(count)) for name, count in rows]
+    counts += await _reasons(
+        session,
+        DroppedBatch.dropped,
+        DroppedBatch,
+        [DroppedBatch.output_id.in_(ids), DroppedBatch.created_at >= since],
+    )
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))

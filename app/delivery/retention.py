@@ -58,8 +58,10 @@ async def prune_once(
             if not await _pruning_is_ours(session):
                 break
             deleted = await repo.prune_delivered(session, cutoff, batch_size)
+            # Records of all-dropped batches age out with the deliveries they stand for.
+            deleted_drops = await repo.prune_dropped_batches(session, cutoff, batch_size)
         total += deleted
-        if deleted < batch_size:
+        if deleted < batch_size and deleted_drops < batch_size:
             break
         await asyncio.sleep(PAUSE_BETWEEN_BATCHES)
     async with sessionmaker() as session, session.begin():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import datetime, timedelta
 from importlib import resources
@@ -36,7 +37,14 @@ from app.auth import ADMIN_IDENTITY, admin_token_ok, write_key
 from app.db import repository as repo
 from app.db import stats
 from app.db.base import utcnow
-from app.db.models import Delivery, DeliveryStatus, Output, OutputStatus
+from app.db.models import (
+    Connection,
+    Delivery,
+    DeliveryStatus,
+    DroppedBatch,
+    Output,
+    OutputStatus,
+)
 from app.errors import RelayError
 from app.ingest import settings_for
 from app.pipeline import map_payload
@@ -50,6 +58,7 @@ PREFIX: Final = "/ui"
 TEMPLATES = Path(__file__).parent / "templates"
 DAY = timedelta(hours=24)
 RECENT_DELIVERIES = 10
+RECENT_DROPPED_BATCHES = 10
 DELIVERIES_PAGE = 50
 CONTENT_SECURITY_POLICY: Final = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -491,6 +500,9 @@ async def _output_page(
         deliveries = await repo.list_deliveries(
             session, output_id=output_id, limit=RECENT_DELIVERIES
         )
+        dropped_batches = await repo.recent_dropped_batches(
+            session, output_id, limit=RECENT_DROPPED_BATCHES
+        )
         totals = (await stats.totals_by_output(session, [output_id], since=now - DAY))[output_id]
         reasons = await stats.drop_reasons(session, [output_id], since=now - DAY)
         hours = await stats.hourly(session, [output_id], now=now)
@@ -502,6 +514,7 @@ async def _output_page(
         output=output,
         connections=connections,
         deliveries=[_delivery_view(d) for d in deliveries],
+        dropped_batches=[_dropped_batch_view(b, connections) for b in dropped_batches],
         totals=totals,
         reasons=reasons,
         waiting=waiting,
@@ -513,6 +526,20 @@ async def _output_page(
         connection_values=connection_values or {"source": "mparticle", "name": ""},
         connection_errors=connection_errors or {},
     )
+
+
+def _dropped_batch_view(batch: DroppedBatch, connections: list[Connection]) -> dict[str, Any]:
+    """A batch whose every event was dropped: it has no delivery, so the output page is
+    where an operator finds it."""
+    names = {c.id: c.name for c in connections}
+    reasons = Counter(
+        str(d.get("reason") or "unknown") for d in batch.dropped if isinstance(d, dict)
+    )
+    return {
+        "b": batch,
+        "connection": names.get(batch.connection_id or "", "deleted connection"),
+        "reasons": sorted(reasons.items(), key=lambda item: (-item[1], item[0])),
+    }
 
 
 # --- connections -------------------------------------------------------------------------
