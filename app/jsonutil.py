@@ -80,9 +80,37 @@ def _check_strings(value: Any) -> None:
             stack.extend(item)
 
 
+# A JSON number of 19 or more digits is what loads() must read with the standard
+# library (orjson turns integers beyond 64 bits into floats). Its exact check
+# is a regex over the whole body, which costs more than orjson.loads itself; this
+# translation finds every candidate (digits after ':', '[' or ',' and whitespace) at
+# memory speed, so the exact check runs only for bodies that may hold one.
+def _digit_run_table() -> bytes:
+    """Digits -> '0', the bytes a number may follow -> ':', '-' kept, the rest -> 'x'."""
+    table = bytearray(b"x" * 256)
+    for byte in b"0123456789":
+        table[byte] = ord("0")
+    for byte in b":[,":
+        table[byte] = ord(":")
+    table[ord("-")] = ord("-")
+    return bytes(table)
+
+
+_DIGIT_RUN_TABLE = _digit_run_table()
+_REGEX_WHITESPACE = b" \t\n\r\x0b\x0c"  # what the check's \s matches: deleted first
+_LONG_RUN, _LONG_NEGATIVE_RUN = b":" + b"0" * 19, b":-" + b"0" * 19
+
+
+def may_hold_long_number(body: bytes) -> bool:
+    """False when ``body`` has no JSON number of 19 or more digits (true may be wrong)."""
+    runs = body.translate(_DIGIT_RUN_TABLE, _REGEX_WHITESPACE)
+    # A document that is one bare number has nothing before its digits.
+    return _LONG_RUN in runs or _LONG_NEGATIVE_RUN in runs or runs[:1] in (b"0", b"-")
+
+
 def loads(data: bytes | str) -> Any:
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    if _has_huge_integer(raw):
+    if may_hold_long_number(raw) and _has_huge_integer(raw):
         try:
             return _stdlib_loads(raw)
         except InvalidJSONError:

@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
+from app import jsonutil
 from app.auth import ADMIN_IDENTITY, admin_token_ok
 from app.errors import PayloadError, RelayError
 from app.runtime import Runtime
@@ -99,12 +100,42 @@ _DECODER = json.JSONDecoder(
 )
 
 
+def _fast_strict(body: bytes) -> Any | None:
+    """The document via orjson when that is provably what the exact path would give,
+    else None. orjson refuses invalid UTF-8, NaN/Infinity, 1e999, lone surrogates and
+    deep nesting itself; what it would get wrong is excluded first: integers beyond 64
+    bits (it reads them as floats) and repeated keys (the last one silently wins).
+
+    A repeated key is found by counting colons: with no \\u escape in the body (which
+    could spell a colon), every colon of the body is a key's or a string's, orjson never
+    escapes one, so re-encoding the decoded value keeps exactly as many colons unless a
+    repeated member (its key's colon at least) was folded away. About 3x faster than
+    the standard library with hooks on a 100-event batch (docs/benchmarks.md).
+    """
+    if b"\\u" in body or jsonutil.may_hold_long_number(body):
+        return None
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None  # the exact path words the error
+    if orjson.dumps(value).count(b":") != body.count(b":"):
+        return None  # a repeated key: the exact path names it
+    return value
+
+
 def strict_json(body: bytes) -> Any:
     """One JSON document, or PayloadError (400) saying what is wrong with it.
 
     The standard library's C scanner with hooks: it keeps integers of any size exact
-    (mParticle ids may pass 64 bits) and lets repeated keys be seen, which orjson cannot.
+    (mParticle ids may pass 64 bits) and lets repeated keys be seen, which orjson cannot;
+    ``_fast_strict`` answers first whenever orjson's reading is provably the same.
     """
+    fast = _fast_strict(body)
+    return fast if fast is not None else exact_strict_json(body)
+
+
+def exact_strict_json(body: bytes) -> Any:
+    """strict_json without the fast path: the reference the tests hold it to."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as error:

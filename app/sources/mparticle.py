@@ -9,8 +9,6 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-import orjson
-
 from app.canonical import (
     NO_SIGNALS,
     CanonicalEvent,
@@ -266,33 +264,6 @@ def canonical_event(index: int, raw: Any, user: UserContext, platform: Platform)
     )
 
 
-# A JSON number of 19 or more digits is what jsonutil.loads must read with the
-# standard library (orjson turns integers beyond 64 bits into floats). Its exact check
-# is a regex over the whole body, which costs more than orjson.loads itself; this
-# translation finds every candidate (digits after ':', '[' or ',' and whitespace) at
-# memory speed, so the exact check runs only for bodies that may hold one.
-def _digit_run_table() -> bytes:
-    """Digits -> '0', the bytes a number may follow -> ':', '-' kept, the rest -> 'x'."""
-    table = bytearray(b"x" * 256)
-    for byte in b"0123456789":
-        table[byte] = ord("0")
-    for byte in b":[,":
-        table[byte] = ord(":")
-    table[ord("-")] = ord("-")
-    return bytes(table)
-
-
-_DIGIT_RUN_TABLE = _digit_run_table()
-_REGEX_WHITESPACE = b" \t\n\r\x0b\x0c"  # what the check's \s matches: deleted first
-_LONG_RUN, _LONG_NEGATIVE_RUN = b":" + b"0" * 19, b":-" + b"0" * 19
-
-
-def may_hold_long_number(body: bytes) -> bool:
-    """False when ``body`` has no JSON number of 19 or more digits (true may be wrong)."""
-    runs = body.translate(_DIGIT_RUN_TABLE, _REGEX_WHITESPACE)
-    return _LONG_RUN in runs or _LONG_NEGATIVE_RUN in runs
-
-
 def batch_events(payload: Any) -> list[Any]:
     """The inbound events of a batch; raises PayloadError when it is not a batch."""
     if not isinstance(payload, dict):
@@ -309,12 +280,7 @@ class MParticleAdapter:
     name = NAME
 
     def decode(self, body: bytes, content_type: str | None = None) -> Any:
-        if type(body) is bytes and not may_hold_long_number(body):
-            try:
-                return orjson.loads(body)
-            except orjson.JSONDecodeError:
-                pass  # decode_json retries with the standard library and words the error
-        return decode_json(body)
+        return decode_json(body)  # orjson unless the body may hold a >64-bit integer
 
     def parse(self, payload: Any) -> ParsedBatch:
         events = batch_events(payload)
