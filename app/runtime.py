@@ -57,7 +57,11 @@ class Runtime:
     ) -> Runtime:
         """``http_timeouts`` (default HTTP_TIMEOUTS) and ``first_retry_seconds`` (default
         the policy's 1 s) exist for tests that need timeouts and retries to be quick."""
-        engine = create_engine(settings.database_url, pool_size=10, max_overflow=20)
+        engine = create_engine(
+            settings.database_url,
+            pool_size=settings.database_pool_size,
+            max_overflow=settings.database_max_overflow,
+        )
         sessionmaker = create_sessionmaker(engine)
         http = http_client(concurrency, timeouts=http_timeouts)
         keyring = keyring_from_settings(settings)

@@ -20,7 +20,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from app import lwa, metrics
 from app.amazon.client import Answer, send_events
@@ -218,7 +225,7 @@ class Dispatcher:
                     pending_positions=list(range(delivery.event_count)),
                     error="401 after a fresh token",
                 )
-        await self._record(delivery, answer, reading)
+        await self._record_while_leased(delivery, answer, reading)
 
     async def _send(self, delivery: Delivery, output: Output, token: SecretText) -> Answer:
         return await send_events(
@@ -230,10 +237,28 @@ class Dispatcher:
             body=delivery.body,
         )
 
-    async def _record(self, delivery: Delivery, answer: Answer, reading: Reading) -> None:
-        for result in reading.results:
+    async def _record_while_leased(
+        self, delivery: Delivery, answer: Answer, reading: Reading
+    ) -> None:
+        """Amazon has answered: writing that down is worth a few tries. If the database
+        is away for a moment (restarted, out of connections), giving up would let the
+        lease run out and the batch be sent again; Amazon dedupes by eventId, but a
+        resend is work and noise. Tries stop at half the lease, well before another
+        process may claim the delivery; after that the lease brings it back as usual."""
+        retrying = AsyncRetrying(
+            stop=stop_after_delay(self._config.lease_seconds / 2),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
+            retry=retry_if_exception_type((DBAPIError, OSError)),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                await self._record(delivery, answer, reading)
+        for result in reading.results:  # counted once, however many tries it took
             if not result.ok:
                 metrics.EVENTS_REJECTED.labels(code=result.code or "UNKNOWN").inc()
+
+    async def _record(self, delivery: Delivery, answer: Answer, reading: Reading) -> None:
         results = [*(delivery.results or []), *(r.as_dict() for r in reading.results)]
         if reading.verdict is Verdict.DONE:
             ok = sum(1 for r in results if r.get("status") == "ok")
