@@ -198,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument(
         "--restart", action="store_true", help="ignore the checkpoint: upload from the first row"
     )
+    upload.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="batches being queued at once, counted in file order (1..16, default 2)",
+    )
     upload.add_argument("--url", help="post to a running relay's /v1/records instead")
     upload.add_argument("--key", help="with --url: a records connection's key (or key.secret)")
     upload.add_argument("--secret", help="with --url: its secret (or RELAY_UPLOAD_SECRET)")

@@ -1,8 +1,9 @@
 """``relay upload``: a records file of any size, in batches, through the relay.
 
-The file (CSV with a header row, NDJSON, or a JSON array) is read as a stream: one
-batch of rows is in memory at a time, whatever the file's size. Each batch becomes
-one Events API request, queued durably before the next batch is read:
+The file (CSV with a header row, NDJSON, or a JSON array) is read as a stream: a few
+batches of rows are in memory at a time, whatever the file's size. Each batch becomes
+one Events API request, queued durably; up to ``concurrency`` batches (default 2) are
+being queued at once, so the next batch is mapped while the previous one commits:
 
 - database mode (default, ``--output-id``): like the other operator commands, the
   command works on the relay's database (``RELAY_DATABASE_URL``). Batches are queued
@@ -13,10 +14,12 @@ one Events API request, queued durably before the next batch is read:
   running relay's ``POST /v1/records`` with a records connection's credentials.
 
 Re-running after an interruption sends nothing twice: a checkpoint file next to the
-input (``FILE.relay-upload.json``) records how many rows are durably queued, and a
-re-run skips them. Rows without ``event_id`` get the deterministic eventId (from the
-connection id and the row), so even a batch queued twice (a crash between the
-commit and the checkpoint) carries the same eventIds, which Amazon deduplicates.
+input (``FILE.relay-upload.json``) records how many rows are durably queued (batches
+are counted in file order, whatever order they commit in), and a re-run skips them.
+Rows without ``event_id`` get the deterministic eventId (from the connection id and
+the row), so even a batch queued twice (a crash between the commit and the
+checkpoint, or a batch in flight behind one that failed) carries the same eventIds,
+which Amazon deduplicates.
 See docs/decisions/0007-relay-upload.md.
 
 The first half of this module is pure (format detection, streaming row readers,
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
+import collections
 import contextlib
 import csv
 import hashlib
@@ -52,6 +56,11 @@ if TYPE_CHECKING:
 
 DEFAULT_BATCH_SIZE = 500
 MAX_BATCH_SIZE = 500  # Amazon's events per request: one batch is one Events API request
+# Batches queued at once. Two overlap the mapping of one batch (CPU, in this process)
+# with the insert and commit of the previous one (the database's thread or socket) or,
+# in HTTP mode, with the relay's work on it; more only help a relay with several workers.
+DEFAULT_CONCURRENCY = 2
+MAX_CONCURRENCY = 16
 CONNECTION_NAME = "relay upload"
 CHECKPOINT_SUFFIX = ".relay-upload.json"
 REJECTS_SUFFIX = ".relay-upload.rejects.ndjson"
@@ -719,6 +728,7 @@ class UploadOptions:
     key: str | None = None
     secret: str | None = None
     progress: bool = True
+    concurrency: int = DEFAULT_CONCURRENCY
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> UploadOptions:
@@ -735,6 +745,8 @@ class UploadOptions:
             key=key,
             secret=secret,
             progress=not args.no_progress,
+            # The command line may not offer --concurrency (app/cli.py): the default then.
+            concurrency=getattr(args, "concurrency", None) or DEFAULT_CONCURRENCY,
         )
         options.check()
         return options
@@ -742,6 +754,8 @@ class UploadOptions:
     def check(self) -> None:
         if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
             raise UploadError(f"--batch-size must be 1..{MAX_BATCH_SIZE}")
+        if not 1 <= self.concurrency <= MAX_CONCURRENCY:
+            raise UploadError(f"--concurrency must be 1..{MAX_CONCURRENCY}")
         if self.url is None:
             if not self.output_id:
                 raise UploadError("--output-id is required (or --url with --key and --secret)")
@@ -871,12 +885,26 @@ async def stream_upload(
             if on_progress is not None:
                 on_progress(handle.tell(), state.totals)
 
+        # Up to ``concurrency`` batches are being queued at once; they are counted (and
+        # the checkpoint moved) strictly in file order, so ``rows_done`` stays one
+        # number: every row before it is queued. A batch queued after an earlier one
+        # failed is queued again by the re-run, with the same eventIds.
+        in_flight: collections.deque[tuple[list[Row], list[Row], asyncio.Future[BatchOutcome]]]
+        in_flight = collections.deque()
+
+        async def record_oldest() -> None:
+            batch, readable, sending = in_flight.popleft()
+            record(batch, readable, await sending)
+
         try:
             for batch in batched(rows, options.batch_size):
                 readable = [row for row in batch if row.problem is None]
                 records = [row.record for row in readable]
-                outcome = await sink.send(records) if records else BatchOutcome(0, [], 0)
-                record(batch, readable, outcome)
+                in_flight.append((batch, readable, _start(sink, records)))
+                if len(in_flight) >= options.concurrency:
+                    await record_oldest()
+            while in_flight:
+                await record_oldest()
         except asyncio.CancelledError:
             report.interrupted = True
         except UploadError as error:
@@ -886,11 +914,34 @@ async def stream_upload(
         else:
             state.complete = True
             save_checkpoint(check_path, state)
+        finally:
+            await _abandon(sending for _, _, sending in in_flight)
     if not state.totals.dropped and reject_path.exists() and reject_path.stat().st_size == 0:
         reject_path.unlink()
     report.complete = state.complete
     report.took = time.monotonic() - began
     return report
+
+
+def _start(sink: Sink, records: list[Any]) -> asyncio.Future[BatchOutcome]:
+    """Queue one batch in the background (an empty batch has nothing to queue)."""
+    if not records:
+        done: asyncio.Future[BatchOutcome] = asyncio.get_running_loop().create_future()
+        done.set_result(BatchOutcome(0, [], 0))
+        return done
+    return asyncio.ensure_future(sink.send(records))
+
+
+async def _abandon(sendings: Iterable[asyncio.Future[BatchOutcome]]) -> None:
+    """Stop the batches still being queued after a failure or an interruption.
+
+    Each one either committed or not; the checkpoint counts none of them, so a re-run
+    queues them (again) with the same eventIds.
+    """
+    pending = list(sendings)
+    for sending in pending:
+        sending.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 @contextlib.contextmanager

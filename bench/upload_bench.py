@@ -11,10 +11,13 @@ the emulator has accepted every forwarded event, rows/s end to end, and the peak
 of each process (the upload's from ``wait4``, the others' from /proc VmHWM).
 
     .venv/bin/python bench/upload_bench.py [--rows 1000000] [--backend sqlite|postgresql|both]
-        [--phased]
+        [--phased] [--via database|http] [--profile DIR]
 
 ``--phased`` disables the output while the file is uploaded (deliveries wait in the
 queue), then enables it: the upload and the delivery of the queue are timed apart.
+``--via http`` runs the upload in HTTP mode (``--url``: the relay's ``POST /v1/records``
+maps the rows) instead of database mode. ``--profile DIR`` runs the three processes
+under cProfile and leaves their stats in DIR (the figures are then not comparable).
 
 PostgreSQL: ``RELAY_TEST_POSTGRES_URL`` (default postgresql+asyncpg://postgres@127.0.0.1:5432/test)
 names a server where the role may CREATE DATABASE; the benchmark makes its own database
@@ -70,6 +73,25 @@ def generate(path: Path, rows: int) -> None:
                 out.writelines(lines)
                 lines.clear()
         out.writelines(lines)
+
+
+def relay_command(name: str, args: list[str], profile_dir: Path | None) -> list[str]:
+    """``relay ARGS``, or the same under cProfile (its stats in PROFILE_DIR/NAME.prof).
+
+    uvicorn re-raises the SIGTERM it shut down on once it is done, which would kill the
+    process before cProfile writes its stats: a SIGTERM handler that exits normally
+    lets the stats be written.
+    """
+    if profile_dir is None:
+        return [RELAY, *args]
+    script = (
+        "import cProfile, signal, sys\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
+        f"sys.argv = ['relay', *{args!r}]\n"
+        "from app.cli import main\n"
+        f"cProfile.run('main()', {str(profile_dir / f'{name}.prof')!r})\n"
+    )
+    return [sys.executable, "-c", script]
 
 
 def free_port() -> int:
@@ -156,7 +178,14 @@ def login(client: httpx.Client, output_id: str) -> None:
 
 
 def run_one(
-    backend: str, csv_path: Path, rows: int, batch_size: int, workdir: Path, phased: bool
+    backend: str,
+    csv_path: Path,
+    rows: int,
+    batch_size: int,
+    workdir: Path,
+    phased: bool,
+    profile_dir: Path | None = None,
+    via: str = "database",
 ) -> dict[str, Any]:
     amazon_port, relay_port = free_port(), free_port()
     amazon, relay = f"http://127.0.0.1:{amazon_port}", f"http://127.0.0.1:{relay_port}"
@@ -177,10 +206,18 @@ def run_one(
         }
         with (
             process(
-                [RELAY, "emulator", "--port", str(amazon_port)], env, workdir / "emulator.log"
+                relay_command(
+                    f"emulator-{backend}", ["emulator", "--port", str(amazon_port)], profile_dir
+                ),
+                env,
+                workdir / "emulator.log",
             ) as emulator_proc,
             process(
-                [RELAY, "serve", "--port", str(relay_port)], env, workdir / f"relay-{backend}.log"
+                relay_command(
+                    f"relay-{backend}", ["serve", "--port", str(relay_port)], profile_dir
+                ),
+                env,
+                workdir / f"relay-{backend}.log",
             ) as relay_proc,
         ):
             wait_http(f"{amazon}/_emulator/stats")
@@ -194,14 +231,27 @@ def run_one(
                 login(client, output["id"])
                 if phased:  # the queue fills first: deliveries wait for a disabled output
                     client.patch(f"/v1/outputs/{output['id']}", json={"enabled": False})
+                if via == "http":  # the relay maps: the upload only reads and posts
+                    connection = client.post(
+                        f"/v1/outputs/{output['id']}/connections",
+                        json={"source": "records", "name": "bench upload"},
+                    ).json()
+                    target = ["--url", relay, "--key", connection["key"]]
+                    env = {**env, "RELAY_UPLOAD_SECRET": connection["secret"]}
+                else:
+                    target = ["--output-id", output["id"]]
             checkpoint = csv_path.with_name(csv_path.name + ".relay-upload.json")
             checkpoint.unlink(missing_ok=True)
             began = time.monotonic()
             upload = subprocess.Popen(
-                [
-                    *(RELAY, "upload", str(csv_path), "--output-id", output["id"]),
-                    *("--no-progress", "--batch-size", str(batch_size)),
-                ],
+                relay_command(
+                    f"upload-{backend}",
+                    [
+                        *("upload", str(csv_path), *target),
+                        *("--no-progress", "--batch-size", str(batch_size)),
+                    ],
+                    profile_dir,
+                ),
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -234,6 +284,7 @@ def run_one(
     return {
         "backend": backend,
         "mode": "phased" if phased else "concurrent",
+        "via": via,
         "rows": rows,
         "forwarded": forwarded,
         "accepted": stats["accepted_events"],
@@ -270,6 +321,18 @@ def main() -> None:
         action="store_true",
         help="upload first (output disabled), then measure the dispatcher draining the queue",
     )
+    parser.add_argument(
+        "--via",
+        choices=["database", "http"],
+        default="database",
+        help="the upload's mode: queue in the database (default) or post to /v1/records",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run every process under cProfile; the stats go to DIR/{upload,relay,emulator}-*.prof",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
@@ -287,7 +350,18 @@ def main() -> None:
         backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
         results = []
         for backend in backends:
-            result = run_one(backend, csv_path, args.rows, args.batch_size, workdir, args.phased)
+            if args.profile:
+                args.profile.mkdir(parents=True, exist_ok=True)
+            result = run_one(
+                backend,
+                csv_path,
+                args.rows,
+                args.batch_size,
+                workdir,
+                args.phased,
+                args.profile.resolve() if args.profile else None,
+                args.via,
+            )
             results.append(result)
             if args.json:
                 continue

@@ -27,6 +27,7 @@ from mapping_helpers import (
 )
 
 from app.errors import PayloadError
+from app.sources.records import ADAPTER
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -207,6 +208,51 @@ def test_camel_case_columns_equal_snake_case() -> None:
     assert canonical(single(rec([camel_row]))) == canonical(PURCHASE_EVENT)
     upper = {k.upper(): v for k, v in PURCHASE_ROW.items()}
     assert canonical(single(rec([upper]))) == canonical(PURCHASE_EVENT)
+
+
+def test_duplicate_columns_the_last_non_empty_value_wins() -> None:
+    # eventTime and event_time name one column: the later non-empty one is read.
+    later = {**row(event_id="dup"), "eventTime": "2025-11-23T12:13:21Z"}
+    assert single(rec([later]))["eventTime"] == "2025-11-23T12:13:21.000Z"
+    empty_later = {**row(event_id="dup"), "eventTime": ""}
+    assert single(rec([empty_later]))["eventTime"] == TS_TEXT
+
+
+def test_many_column_sets_in_one_batch() -> None:
+    """Column names are worked out once per set of columns, from a bounded cache: a
+    batch whose records all have different columns (more sets than the cache holds)
+    reads each record by its own columns."""
+    records = [
+        {**row(event_id=f"r{i}"), f"Extra Column {i}": "x", "eventName": f"Sale {i % 7}"}
+        for i in range(600)
+    ]
+    result = rec(records)
+    events = events_of(result)
+    assert [e["eventId"] for e in events] == [f"r{i}" for i in range(600)]
+    assert [e["eventDescription"]["name"] for e in events[:8]] == [
+        *(f"Sale {i}" for i in range(7)),
+        "Sale 0",
+    ]
+    camel_then_snake = [{camel(k): v for k, v in row(event_id="c").items()}, row(event_id="s")]
+    assert [e["eventId"] for e in events_of(rec(camel_then_snake))] == ["c", "s"]
+    # Records too wide, or with keys too long, to be kept in the caches read the same.
+    wide = {**{f"column{i}": "x" for i in range(100)}, **row(event_id="w"), "eventName": "W"}
+    long_key = {**row(event_id="l"), "x" * 5_000: "y", "EventName": "L"}
+    events = events_of(rec([wide, long_key]))
+    assert [(e["eventId"], e["eventDescription"]["name"]) for e in events] == [
+        ("w", "W"),
+        ("l", "L"),
+    ]
+
+
+def test_a_key_that_is_not_text_is_an_invalid_record() -> None:
+    # Not from JSON or CSV (their keys are text), but from Python callers of the adapter
+    # (a JSON body would turn the key into text, so the adapter is called directly).
+    parsed = ADAPTER.parse([{**row(event_id="a"), 7: "x"}, row(event_id="b")])
+    assert [(d.index, d.reason, d.detail) for d in parsed.rejects] == [
+        (0, "invalid_event", "record has a key that is not text")
+    ]
+    assert [event.event_id for event in parsed.events] == ["b"]
 
 
 ALIASES = [
