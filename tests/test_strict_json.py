@@ -4,7 +4,8 @@
 library's with hooks (no integer beyond 64 bits, no repeated key). These properties
 generate JSON texts built to defeat that proof: repeated keys at any depth, colons in
 keys and strings, escapes, whitespace around colons, long integers, and compare both
-paths: the same value (types included) or the same refusal.
+paths: the same value (types included) or the same refusal. The same holds for the
+canonical text that deterministic eventIds hash (jsonutil.canonical_text).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from app.api.deps import exact_strict_json, strict_json
 from app.errors import PayloadError
+from app.jsonutil import canonical_text
 
 TRICKY_TEXT = st.text(alphabet=st.sampled_from(["a", ":", '"', "\\", "é", " ", "\u2028", "0"]))
 KEYS = st.sampled_from(["a", "b", "a:b", ":", '"', "é"]) | TRICKY_TEXT
@@ -87,3 +89,21 @@ def test_a_repeated_key_is_refused_however_it_is_written() -> None:
         refused = outcome(strict_json, body)
         assert refused[0] == "refused", body
         assert "appears twice" in refused[1]
+
+
+JSONISH = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),  # any code point: controls, DEL, non-ASCII, lone surrogates
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children),
+    max_leaves=15,
+)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=JSONISH)
+def test_canonical_text_is_the_standard_librarys_text(value: Any) -> None:
+    """Deterministic eventIds hash this text: its fast path must never change it."""
+    assert canonical_text(value) == json.dumps(value, sort_keys=True, separators=(",", ":"))
