@@ -12,7 +12,7 @@ to files there and ``render`` merges them, so any worker answers for all.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -74,16 +74,30 @@ BATCH_EVENTS = Histogram(
 )
 
 
+# The values of app.db.models.OutputStatus (not imported: metrics stays free of the ORM).
+OUTPUT_STATUSES = ("needs_login", "configured", "needs_reauth")
+
+
 def status_class(status: int | None) -> str:
     return "error" if status is None else f"{status // 100}xx"
 
 
 class QueueGauges:
-    """Queue gauges read from the database at scrape time (set just before render)."""
+    """Gauges read from the database at scrape time (set just before render): the
+    queue, and the states an operator must act on (dead deliveries, outputs needing a
+    new Login with Amazon), which counters over a time window only approximate."""
 
-    def __init__(self, depth: float, oldest_seconds: float) -> None:
+    def __init__(
+        self,
+        depth: float,
+        oldest_seconds: float,
+        dead: float = 0,
+        outputs_by_status: Mapping[str, int] | None = None,
+    ) -> None:
         self.depth = depth
         self.oldest_seconds = oldest_seconds
+        self.dead = dead
+        self.outputs_by_status = outputs_by_status or {}
 
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily(
@@ -94,6 +108,17 @@ class QueueGauges:
             "Age of the oldest delivery waiting to be sent.",
             value=self.oldest_seconds,
         )
+        yield GaugeMetricFamily(
+            "relay_deliveries_dead",
+            "Deliveries that ran out of time (kept, retryable by an admin).",
+            value=self.dead,
+        )
+        outputs = GaugeMetricFamily(
+            "relay_outputs", "Outputs by status (needs_login, configured, ...).", labels=["status"]
+        )
+        for status in OUTPUT_STATUSES:  # every status, zero included: alerts see 0, not absent
+            outputs.add_metric([status], self.outputs_by_status.get(status, 0))
+        yield outputs
 
 
 def render(queue: QueueGauges | None = None) -> bytes:

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Response
 from app import metrics
 from app.api.deps import RuntimeDep, transaction
 from app.db import repository as repo
+from app.db import stats
 from app.db.base import utcnow
 from app.db.migrate import at_head
 
@@ -37,7 +38,9 @@ async def prometheus(rt: RuntimeDep) -> Response:
         async with transaction(rt) as session:
             depth = await repo.queue_depth(session)
             oldest = await repo.oldest_pending_age(session, now=utcnow())
-        queue = metrics.QueueGauges(depth, oldest)
+            dead = await stats.dead_deliveries(session)
+            outputs = await stats.outputs_by_status(session)
+        queue = metrics.QueueGauges(depth, oldest, dead, outputs)
     except Exception:  # the database being away must not hide the other metrics
         queue = None
     return Response(metrics.render(queue), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -25,7 +25,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
-from app.db.models import Delivery, DroppedBatch
+from app.db.models import Delivery, DeliveryStatus, DroppedBatch, Output
 
 HOUR = timedelta(hours=1)
 _HOUR_KEY = "%Y-%m-%dT%H"  # what both backends' hour expressions produce
@@ -204,3 +204,17 @@ async def drop_reasons(
         [DroppedBatch.output_id.in_(ids), DroppedBatch.created_at >= since],
     )
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
+async def dead_deliveries(session: AsyncSession) -> int:
+    """How many deliveries are dead (ran out of time; an admin may retry them)."""
+    count = await session.scalar(
+        select(func.count()).select_from(Delivery).where(Delivery.status == DeliveryStatus.DEAD)
+    )
+    return int(count or 0)
+
+
+async def outputs_by_status(session: AsyncSession) -> dict[str, int]:
+    """The number of outputs in each status (statuses with none are absent)."""
+    rows = await session.execute(select(Output.status, func.count()).group_by(Output.status))
+    return {str(status): int(count) for status, count in rows.all()}
