@@ -11,8 +11,8 @@ import csv
 import functools
 import io
 import re
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from app import jsonutil
 from app.canonical import (
@@ -29,6 +29,8 @@ from app.errors import PayloadError
 from app.rules import CONVERSION_TYPES
 from app.sources.base import InvalidEventError
 from app.values import nonblank, parse_decimal, parse_time_ms, text_of
+
+_T = TypeVar("_T")
 
 NAME = "records"
 
@@ -109,6 +111,20 @@ def conversion_type_of(value: Any) -> str | None:
     return EVENT_TYPE_ALIASES.get(snake(key))
 
 
+_NOT_A_TIME = "is not an ISO 8601 date-time or epoch milliseconds"
+
+
+def _optional(raw: Any, parse: Callable[[Any], _T | None], column: str, problem: str) -> _T | None:
+    """A column's parsed value; None when the column is absent; a present value that
+    does not parse makes the record invalid (it is not silently sent without it)."""
+    if raw is None:
+        return None
+    parsed = parse(raw)
+    if parsed is None:
+        raise InvalidEventError(f"{column} {problem}")
+    return parsed
+
+
 def _record(index: int, raw: Any) -> CanonicalEvent:
     if not isinstance(raw, dict):
         raise InvalidEventError("record is not an object")
@@ -118,24 +134,9 @@ def _record(index: int, raw: Any) -> CanonicalEvent:
     get = row.get  # every value in ``row`` is non-empty: None means "no such column"
     event_type = get("event_type")
     conversion_type = conversion_type_of(event_type)
-    time_ms = None
-    raw_time = get("event_time")
-    if raw_time is not None:
-        time_ms = parse_time_ms(raw_time)
-        if time_ms is None:
-            raise InvalidEventError("event_time is not an ISO 8601 date-time or epoch milliseconds")
-    value = None
-    raw_value = get("event_value")
-    if raw_value is not None:
-        value = parse_decimal(raw_value)
-        if value is None:
-            raise InvalidEventError("event_value is not a number")
-    units = None
-    raw_units = get("units_sold")
-    if raw_units is not None:
-        units = parse_decimal(raw_units)
-        if units is None:
-            raise InvalidEventError("units_sold is not a number")
+    time_ms = _optional(get("event_time"), parse_time_ms, "event_time", _NOT_A_TIME)
+    value = _optional(get("event_value"), parse_decimal, "event_value", "is not a number")
+    units = _optional(get("units_sold"), parse_decimal, "units_sold", "is not a number")
     platform = Platform.OFFLINE
     raw_source = get("event_source")
     if raw_source is not None:
