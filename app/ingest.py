@@ -11,7 +11,7 @@ import functools
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -20,6 +20,9 @@ from app.amazon.settings import OutputSettings
 from app.db import repository as repo
 from app.db.models import Connection, Output
 from app.pipeline import map_parsed
+
+if TYPE_CHECKING:
+    from app.delivery.dispatcher import Handoff
 
 
 @dataclass(slots=True)
@@ -53,8 +56,13 @@ async def accept_batch(
     connection: Connection,
     payload: Any,
     now: datetime,
+    handoff: Handoff | None = None,
 ) -> BatchSummary:
-    """Map ``payload`` (already decoded) and queue one delivery per Amazon request."""
+    """Map ``payload`` (already decoded) and queue one delivery per Amazon request.
+
+    With ``handoff``, as many deliveries as this process's dispatcher has free slots for
+    are queued already leased to it, for it to send after the commit (no claim needed).
+    """
     source = connection.source
     result = map_parsed(payload, source, settings=settings_for(output, connection.id), now=now)
     dropped = [d.as_dict() for d in result.dropped]
@@ -73,7 +81,11 @@ async def accept_batch(
             zip(result.requests, result.index_maps, strict=True)
         )
     ]
-    ids = await repo.insert_deliveries(session, items, now=now)
+    lease = handoff.lease(len(items), now) if handoff is not None and items else None
+    rows = await repo.insert_delivery_rows(session, items, now=now, lease=lease)
+    if handoff is not None and lease is not None:
+        handoff.add(rows[: lease.count])
+    ids = [row["id"] for row in rows]
     if not ids and dropped:
         # No request, so no first request to keep the drops: the batch's only trace.
         # Only here, so a batch with deliveries costs no extra statement while it holds

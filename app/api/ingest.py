@@ -36,6 +36,7 @@ LIMITS = {"events": 256 * KIB, "bulk": 1024 * KIB, "segment": 512 * KIB, "record
 MAX_BULK_BATCHES = 100
 MAX_WAIT_SECONDS = 30.0
 SEGMENT_TYPES = ("track", "page", "screen", "identify", "group", "alias")
+OVERLOAD_RETRY_AFTER_SECONDS = 5
 
 
 def _json_body(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -92,7 +93,8 @@ async def _connection(
         rt.limiter.failed(client, identity)
         raise unauthorized
     async with transaction(rt) as session:
-        connection = await repo.get_connection_by_key(session, credentials.key)
+        found = await repo.get_connection_with_output(session, credentials.key)
+        connection = found[0] if found is not None else None
         # Credentials proven within the cache's minute pass even while this address or
         # key is refused: checking them costs no scrypt, and the cache is keyed by key
         # and secret, so only a caller who holds the secret gets past. Everything else
@@ -113,7 +115,13 @@ async def _connection(
             raise ApiError(
                 403, "wrong_source", f"this connection takes {connection.source} data, not {source}"
             )
-        output = await repo.get_output(session, connection.output_id)
+        # The output came with the connection, unless the key was only found by the
+        # authentication just above (then it is the same connection, read again).
+        output = (
+            found[1]
+            if found is not None and found[0] is connection
+            else await repo.get_output(session, connection.output_id)
+        )
         if output is None:  # pragma: no cover - deleting an output deletes its connections
             raise unauthorized
         return connection, output
@@ -132,16 +140,39 @@ def _count(source: str, summary: BatchSummary) -> None:
 async def _accept(
     rt: Runtime, connection: Connection, output: Output, payloads: list[Any]
 ) -> list[BatchSummary]:
+    if rt.dispatcher.overloaded:
+        raise ApiError(
+            503,
+            "overloaded",
+            "deliveries are queued faster than they are sent; nothing was accepted, retry later",
+            headers={"Retry-After": str(OVERLOAD_RETRY_AFTER_SECONDS)},
+        )
     now = utcnow()
-    async with transaction(rt) as session:
-        summaries = [
-            await accept_batch(session, output=output, connection=connection, payload=p, now=now)
-            for p in payloads
-        ]
+    handoff = rt.dispatcher.handoff(output)
+    try:
+        async with transaction(rt) as session:
+            summaries = [
+                await accept_batch(
+                    session,
+                    output=output,
+                    connection=connection,
+                    payload=p,
+                    now=now,
+                    handoff=handoff,
+                )
+                for p in payloads
+            ]
+    except BaseException:
+        handoff.cancel()
+        raise
+    # Committed: what was leased to this process's dispatcher is sent now, no claim.
+    handoff.start()
     for summary in summaries:
         _count(connection.source, summary)
-    if any(summary.deliveries for summary in summaries):
-        rt.dispatcher.wake()
+    waiting = sum(len(summary.deliveries) for summary in summaries) - handoff.count
+    if waiting > 0:
+        rt.dispatcher.queued(waiting)
+        rt.dispatcher.wake()  # the rest waits in the queue for the claim loop
     return summaries
 
 

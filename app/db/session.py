@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import event, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -18,6 +20,17 @@ from app.config import normalize_database_url
 
 def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
+
+
+def _dumps_json(value: Any) -> str:
+    """JSON columns (index maps, per-event results, drops) through orjson: the per-event
+    results of every delivery are written once, and the standard library's encoder was a
+    visible part of that. orjson refuses what json writes differently or not at all
+    (integers beyond 64 bits, non-string keys): those go through json, as before."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value)
 
 
 def create_engine(
@@ -36,9 +49,11 @@ def create_engine(
     a pool of ``pool_size`` + ``max_overflow`` connections, checked before use.
     """
     url = normalize_database_url(url)
+    # Reading stays with json: orjson reads an integer beyond 64 bits as a float.
+    codec: dict[str, Any] = {"json_serializer": _dumps_json}
     if is_sqlite(url):
         _make_parent_directory(url)
-        engine = create_async_engine(url, echo=echo)
+        engine = create_async_engine(url, echo=echo, **codec)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas(busy_timeout_ms))
         return engine
     options: dict[str, Any] = {
@@ -47,7 +62,7 @@ def create_engine(
         "pool_timeout": pool_timeout,
         "pool_pre_ping": True,
     }
-    return create_async_engine(url, echo=echo, **options)
+    return create_async_engine(url, echo=echo, **options, **codec)
 
 
 def _make_parent_directory(url: str) -> None:

@@ -14,7 +14,7 @@ import contextlib
 import os
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,7 +36,7 @@ from app.amazon.results import Reading, Verdict, read_response
 from app.crypto import SecretText
 from app.db import repository as repo
 from app.db.base import utcnow
-from app.db.models import Delivery, DeliveryStatus, Output
+from app.db.models import Delivery, DeliveryStatus, Output, OutputStatus
 from app.delivery.policy import FIRST_DELAY, MAX_DELAY, backoff_seconds
 from app.http import HttpClient
 from app.logs import get_logger
@@ -45,6 +45,11 @@ from app.tokens import NotLoggedInError, TokenService
 log = get_logger(__name__)
 
 IDLE_POLL_SECONDS = 1.0  # other processes may queue work this one is not told about
+# Backpressure: deliveries this process queued without a free slot, while its claim loop
+# keeps finding more due work than it has slots for. Past this many, ingest answers 503
+# with Retry-After rather than accepting without bound: at the 50-75 deliveries/s one
+# worker sustains (docs/benchmarks.md), that is 15-20 s of work already waiting.
+BACKLOG_LIMIT = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +93,13 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._stopping = False
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Slots promised to ingest transactions still running (Handoff): counted as busy,
+        # so the claim loop does not fill them meanwhile.
+        self._reserved = 0
+        self._slot_freed = asyncio.Event()
+        self._no_reservation = asyncio.Event()
+        self._no_reservation.set()
+        self._backlog = 0
         self._stopped = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -95,6 +107,48 @@ class Dispatcher:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="relay-dispatcher")
+
+    def handoff(self, output: Output) -> Handoff:
+        """A handoff for deliveries an ingest request of this process is about to queue."""
+        return Handoff(self, output)
+
+    @property
+    def overloaded(self) -> bool:
+        """Ingest should refuse for now: far more is queued here than is being sent."""
+        return self._backlog >= BACKLOG_LIMIT
+
+    def queued(self, count: int) -> None:
+        """``count`` deliveries were queued pending by this process (no slot for them)."""
+        if self._task is not None:  # a process without a running dispatcher never refuses
+            self._backlog += count
+
+    def _reserve(self, wanted: int) -> int:
+        if self._task is None or self._stopping or wanted <= 0:
+            return 0  # not running (create_app(dispatcher=False)), or shutting down
+        free = self._config.concurrency - len(self._in_flight) - self._reserved
+        granted = max(0, min(wanted, free))
+        self._reserved += granted
+        if granted:
+            self._no_reservation.clear()
+        return granted
+
+    def _unreserve(self, count: int) -> None:
+        self._reserved -= count
+        if self._reserved == 0:
+            self._no_reservation.set()
+        if count:
+            # Only the wait for a free slot hears this: waking the claim loop itself
+            # would spend a claim transaction on rows this process just handed over.
+            self._slot_freed.set()
+
+    def _start_sends(self, deliveries: Sequence[Delivery], output: Output) -> None:
+        for delivery in deliveries:
+            self._start_send(delivery, output)
+
+    def _start_send(self, delivery: Delivery, output: Output) -> None:
+        task = asyncio.create_task(self._send_one(delivery, output))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
 
     def wake(self) -> None:
         """New work was queued by this process: claim now instead of at the next poll."""
@@ -108,6 +162,12 @@ class Dispatcher:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        # Ingest transactions holding slots end within moments: wait for their handoffs,
+        # so that what they leased is sent or released below, not left to its lease.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self._no_reservation.wait(), timeout=self._config.shutdown_grace_seconds
+            )
         if self._in_flight:
             _, pending = await asyncio.wait(
                 self._in_flight, timeout=self._config.shutdown_grace_seconds
@@ -122,7 +182,7 @@ class Dispatcher:
 
     async def _run(self) -> None:
         while not self._stopping:
-            if len(self._in_flight) >= self._config.concurrency:
+            if len(self._in_flight) + self._reserved >= self._config.concurrency:
                 await self._wait_for_a_free_slot()
                 continue
             # Cleared before the claim, not after it: a wake() that comes while this
@@ -135,20 +195,28 @@ class Dispatcher:
                 claimed = []
                 await asyncio.sleep(IDLE_POLL_SECONDS)
             for delivery, output in claimed:
-                task = asyncio.create_task(self._send_one(delivery, output))
-                self._in_flight.add(task)
-                task.add_done_callback(self._in_flight.discard)
+                self._start_send(delivery, output)
             if not claimed:
                 await self._idle()
 
     async def _wait_for_a_free_slot(self) -> None:
         """All slots busy: nothing can be claimed until a send ends, so wait for one
-        (or for stop) instead of asking the database again and again meanwhile."""
-        stopped = asyncio.ensure_future(self._stopped.wait())
+        (or for stop) instead of asking the database again and again meanwhile. Slots
+        reserved by ingest transactions come back through _slot_freed."""
+        self._slot_freed.clear()
+        waiters = {
+            asyncio.ensure_future(self._stopped.wait()),
+            asyncio.ensure_future(self._slot_freed.wait()),
+        }
         try:
-            await asyncio.wait({*self._in_flight, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {*self._in_flight, *waiters},
+                timeout=IDLE_POLL_SECONDS,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         finally:
-            stopped.cancel()
+            for waiter in waiters:
+                waiter.cancel()
 
     async def _idle(self) -> None:
         delay = IDLE_POLL_SECONDS
@@ -161,7 +229,7 @@ class Dispatcher:
             await asyncio.wait_for(self._wake.wait(), timeout=max(delay, 0.005))
 
     async def _claim(self) -> list[tuple[Delivery, Output]]:
-        free = self._config.concurrency - len(self._in_flight)
+        free = self._config.concurrency - len(self._in_flight) - self._reserved
         if free <= 0:  # _run waits for a free slot first; this only guards the arithmetic
             return []
         async with self._sessionmaker() as session, session.begin():
@@ -169,6 +237,12 @@ class Dispatcher:
             deliveries = await repo.claim_due(
                 session, self.worker_id, free, now, self._config.lease_seconds
             )
+            # An estimate, corrected by every claim: one that found less than it could
+            # take means no due work is waiting (other processes may have taken ours).
+            if len(deliveries) < free:
+                self._backlog = 0
+            else:
+                self._backlog = max(0, self._backlog - len(deliveries))
             outputs: dict[str, Output] = {}
             for delivery in deliveries:
                 if delivery.output_id not in outputs:
@@ -415,3 +489,52 @@ class Dispatcher:
             )
         metrics.DELIVERIES.labels(outcome="split").inc()
         self.wake()
+
+
+class Handoff:
+    """Deliveries queued by an ingest request, sent by this process without a claim.
+
+    Before the insert, ``lease`` takes free slots of the dispatcher and returns the lease
+    to write with the rows (repository.Lease); after the commit, ``start`` sends them.
+    If the transaction fails, ``cancel`` gives the slots back: nothing was queued. Only
+    for an output that may send now (enabled and logged in): other deliveries wait in
+    the queue, as the claim would leave them.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, output: Output) -> None:
+        self._dispatcher = dispatcher
+        self._output = output
+        self._granted = 0
+        self._deliveries: list[Delivery] = []
+        self._sendable = output.enabled and output.status == OutputStatus.CONFIGURED
+
+    @property
+    def count(self) -> int:
+        """Deliveries handed over so far."""
+        return len(self._deliveries)
+
+    def lease(self, wanted: int, now: datetime) -> repo.Lease | None:
+        if not self._sendable:
+            return None
+        granted = self._dispatcher._reserve(wanted)
+        if granted == 0:
+            return None
+        self._granted += granted
+        expires_at = now + timedelta(seconds=self._dispatcher._config.lease_seconds)
+        return repo.Lease(self._dispatcher.worker_id, expires_at, granted)
+
+    def add(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """The leased rows as inserted: the dispatcher sends these after the commit."""
+        self._deliveries.extend(Delivery(**row) for row in rows)
+
+    def start(self) -> None:
+        """The transaction committed: send what was leased."""
+        granted, self._granted = self._granted, 0
+        self._dispatcher._unreserve(granted)
+        self._dispatcher._start_sends(self._deliveries, self._output)
+
+    def cancel(self) -> None:
+        """The transaction failed: nothing was queued; give the slots back."""
+        granted, self._granted = self._granted, 0
+        self._deliveries.clear()
+        self._dispatcher._unreserve(granted)

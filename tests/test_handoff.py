@@ -1,0 +1,82 @@
+"""Ingest hands fresh deliveries straight to its own dispatcher, and pushes back when
+the dispatcher is far behind (docs/decisions/0012-hot-path.md).
+
+Over real HTTP, on SQLite and PostgreSQL: batches posted while the dispatcher has free
+slots are leased in the ingest's own transaction and sent without any claim; with
+Amazon slow and every slot busy, the backlog grows to its limit and the next batch is
+answered 503 with Retry-After (nothing stored), and every accepted event still
+reaches Amazon exactly once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e_helpers import (
+    accepted_event_ids,
+    assert_exactly_the_accepted_reached_amazon,
+    relay_stack,
+    sdk_batch,
+)
+
+from app.db import repository as repo
+from app.delivery import dispatcher as dispatcher_module
+from app.runtime import DISPATCH_CONCURRENCY
+
+
+def test_fresh_deliveries_are_sent_without_a_claim(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    claimed: list[int] = []
+    real_claim_due = repo.claim_due
+
+    async def counted_claim_due(*args: Any, **kwargs: Any) -> Any:
+        rows = await real_claim_due(*args, **kwargs)
+        claimed.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(repo, "claim_due", counted_claim_due)
+    with relay_stack(database_url, tmp_path) as stack:
+        _, conn = stack.ready_output()
+        accepted: set[str] = set()
+        for n in range(20):
+            batch = sdk_batch([n + 1])
+            accepted |= accepted_event_ids(batch, stack.post_events(conn, batch))
+        found = stack.wait_settled()
+        assert len(found) == 20
+        assert {d["status"] for d in found} == {"delivered"}
+        assert {d["attempts"] for d in found} == {1}
+        assert sum(claimed) == 0  # the claim loop ran, and found nothing left to take
+        assert_exactly_the_accepted_reached_amazon(stack, accepted)
+
+
+def test_a_dispatcher_far_behind_makes_ingest_answer_503(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backlog_limit = 40
+    monkeypatch.setattr(dispatcher_module, "BACKLOG_LIMIT", backlog_limit)
+    with relay_stack(database_url, tmp_path, http_timeout=30) as stack:
+        _, conn = stack.ready_output()
+        stack.fault({"delay": 5, "count": 1000})  # every slot stays busy for a while
+        accepted: set[str] = set()
+        codes: list[int] = []
+        for n in range(DISPATCH_CONCURRENCY + backlog_limit + 20):
+            batch = sdk_batch([n + 1])
+            answer = stack.client.post("/v2/events", json=batch, auth=conn.auth)
+            codes.append(answer.status_code)
+            if answer.status_code != 202:
+                assert answer.status_code == 503, answer.text
+                assert answer.headers["retry-after"] == "5"
+                break
+            accepted |= accepted_event_ids(batch, answer.json())
+        assert codes[-1] == 503
+        assert codes.count(202) == DISPATCH_CONCURRENCY + backlog_limit
+        refused_at = len(codes)
+        stored = stack.sql("SELECT COUNT(*) FROM deliveries")[0][0]
+        assert stored == refused_at - 1  # the refused batch left nothing behind
+
+        stack.amazon.delete("/_emulator/faults")
+        stack.wait_settled(timeout=90)
+        assert_exactly_the_accepted_reached_amazon(stack, accepted)
