@@ -99,6 +99,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=15,
+        # Longer than the idle timeout of clients' and load balancers' connection pools
+        # (httpx 5 s, aiohttp 15 s, AWS ALB 60 s): otherwise the relay may close an idle
+        # connection just as a request is sent on it, and the sender sees no answer.
+        timeout_keep_alive=75,
         proxy_headers=args.proxy_headers,
     )
     return 0
