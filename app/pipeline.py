@@ -32,6 +32,7 @@ from app.amazon.mapping import (
     Plan,
     custom_entry,
     float_amount,
+    fresh_custom_entry,
     hour_text,
     map_events,
 )
@@ -67,6 +68,9 @@ def map_payload(
 
 
 _SCALARS = (str, int, float)  # customData values that are sent (bool is an int)
+# The fused lane stops memoising a batch's attributes once this many events have missed
+# the memo and misses are more than half the events (see map_mparticle).
+MEMO_TRIAL = 8
 
 
 def map_mparticle(payload: Any, *, settings: OutputSettings, now: datetime) -> MapResult:
@@ -75,8 +79,10 @@ def map_mparticle(payload: Any, *, settings: OutputSettings, now: datetime) -> M
     Per event it reads the fields, looks up the batch's plan for the event's name,
     action and reserved attributes (conversion, country, match keys, consent and
     eventDescription, worked out by the mapper once per distinct plan), then writes the
-    fields that vary per event. An event found not to have the common shape goes to
-    ``_map_one``, the adapter and mapper proper, before anything of it is recorded.
+    fields that vary per event. What an event's attributes come to (customData, the
+    skipped count, the plan) is memoised per batch while the batch's attribute sets
+    repeat. An event found not to have the common shape goes to ``_map_one``, the
+    adapter and mapper proper, before anything of it is recorded.
     """
     events = mparticle.batch_events(payload)
     user, platform = mparticle.batch_user(payload)
@@ -89,6 +95,11 @@ def map_mparticle(payload: Any, *, settings: OutputSettings, now: datetime) -> M
     drop = mapper.drop
     currency_code = normalize.currency_code
     currencies: dict[Any, str | None] = {}
+    memo: dict[tuple[Any, ...], tuple[Plan, list[dict[str, str]], int]] | None = {}
+    memo_misses = 0
+    custom_data_skipped = 0
+    last_hour: int | None = None
+    hour_prefix = ""
 
     for index, raw in enumerate(events):
         # The common shape, checked before anything is recorded for the event.
@@ -123,43 +134,74 @@ def map_mparticle(payload: Any, *, settings: OutputSettings, now: datetime) -> M
             _map_one(mapper, index, raw, user, platform)
             continue
 
-        # customData in payload order; reserved attributes (first of each name) apart,
-        # into the plan key: everything else the event's Amazon fields depend on. Types
-        # are part of it because True == 1 == 1.0 in Python but normalise differently.
-        entries: list[dict[str, str]] = []
-        room = MAX_CUSTOM_DATA
-        skipped = 0
-        plan_key: tuple[Any, ...] = (action, name)
-        reserved: set[str] | None = None
-        if attributes:
-            for key, value in attributes.items():
-                try:
-                    lowered = reserved_by_name[key]
-                except KeyError:
-                    lowered = reserved_name(key)
-                if lowered is None:
-                    if room and isinstance(value, _SCALARS):
-                        entry = custom_entry(key, value)
-                        if entry is not SKIPPED_ENTRY:
-                            entries.append(entry)
-                            room -= 1
-                            continue
-                    skipped += 1
-                elif reserved is None or lowered not in reserved:
-                    reserved = {lowered} if reserved is None else reserved | {lowered}
-                    plan_key += (lowered, type(value), value)
-        try:
-            plan = plans.get(plan_key)
-        except TypeError:  # an unhashable reserved value (an object as tcf)
-            _map_one(mapper, index, raw, user, platform)
-            continue
-        if plan is None:
+        # A single user's events tend to repeat their attributes: what they come to is
+        # memoised per batch under the attributes themselves (names, values and types,
+        # in order, as True == 1 == 1.0 in Python but they are sent differently).
+        memo_key: tuple[Any, ...] | None = None
+        memoised = None
+        if memo is not None:
+            if attributes:
+                values = attributes.values()
+                memo_key = (action, name, *attributes, *values, *map(type, values))
+            else:
+                memo_key = (action, name)
             try:
-                canonical = mparticle.canonical_event(index, raw, user, platform)
-            except InvalidEventError:  # not expected after the checks above; the reference
+                memoised = memo.get(memo_key)
+            except TypeError:  # an unhashable value (an object or a list): not memoised
+                memo_key = None
+        if memoised is not None:
+            plan, entries, skipped = memoised
+        else:
+            # customData in payload order; reserved attributes (first of each name)
+            # apart, into the plan key: everything else the event's Amazon fields depend
+            # on, with their types too.
+            entries = []
+            room = MAX_CUSTOM_DATA
+            skipped = 0
+            plan_key: tuple[Any, ...] = (action, name)
+            reserved: set[str] | None = None
+            if attributes:
+                for key, value in attributes.items():
+                    try:
+                        lowered = reserved_by_name[key]
+                    except KeyError:
+                        lowered = reserved_name(key)
+                    if lowered is None:
+                        if room and isinstance(value, _SCALARS):
+                            if value or type(value) is not float:
+                                entry = custom_entry(key, value)
+                            else:  # 0.0 or -0.0, which the cache does not tell apart
+                                entry = fresh_custom_entry(key, value)
+                            if entry is not SKIPPED_ENTRY:
+                                entries.append(entry)
+                                room -= 1
+                                continue
+                        skipped += 1
+                    elif reserved is None or lowered not in reserved:
+                        reserved = {lowered} if reserved is None else reserved | {lowered}
+                        plan_key += (lowered, type(value), value)
+            try:
+                known = plans.get(plan_key)
+            except TypeError:  # an unhashable reserved value (an object as tcf)
                 _map_one(mapper, index, raw, user, platform)
                 continue
-            plan = plans[plan_key] = mapper.plan(canonical)
+            if known is None:
+                try:
+                    canonical = mparticle.canonical_event(index, raw, user, platform)
+                except InvalidEventError:  # not expected after the checks above
+                    _map_one(mapper, index, raw, user, platform)
+                    continue
+                known = plans[plan_key] = mapper.plan(canonical)
+            plan = known
+            if memo is not None:
+                memo_misses += 1
+                # 0.0 == -0.0 but they are sent as "0.0" and "-0.0": not memoised.
+                if memo_key is not None and not (
+                    attributes and any(type(v) is float and not v for v in attributes.values())
+                ):
+                    memo[memo_key] = (plan, entries, skipped)
+                if memo_misses >= MEMO_TRIAL and memo_misses * 2 > index + 1:
+                    memo = None  # mostly distinct attributes: the memo would only cost
         conversion_drop, user_drop, description, country, keys, consent, purchase, ldu = plan
 
         # mapping.md §9: the first drop reason in order.
@@ -202,11 +244,13 @@ def map_mparticle(payload: Any, *, settings: OutputSettings, now: datetime) -> M
 
         second, millis = divmod(ms, 1000)  # event_time_text, inline
         hour, second_of_hour = divmod(second, 3600)
+        if hour != last_hour:  # a batch's events mostly share their hour
+            last_hour, hour_prefix = hour, hour_text(hour)
         amazon_event: dict[str, Any] = {
             "eventDescription": description,
             "countryCode": country,
             "matchKeys": keys,
-            "eventTime": hour_text(hour) + MINUTE_SECOND[second_of_hour] + MILLIS[millis],
+            "eventTime": hour_prefix + MINUTE_SECOND[second_of_hour] + MILLIS[millis],
             "eventId": event_id[:MAX_TEXT],
         }
         if total is not None and not (purchase and total < 0):
@@ -235,7 +279,8 @@ def map_mparticle(payload: Any, *, settings: OutputSettings, now: datetime) -> M
             amazon_event["partner"] = partner
         forwarded.append(amazon_event)
         indexes.append(index)
-        mapper.custom_data_skipped += skipped
+        custom_data_skipped += skipped
+    mapper.custom_data_skipped += custom_data_skipped
     return mapper.result()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -154,11 +155,29 @@ def amount(value: Decimal) -> int | float | None:
 def float_amount(number: float) -> int | float | None:
     """``amount(parse_decimal(number))`` for a float, without building a Decimal.
 
-    The hot path: a float's shortest text (``repr``) is the decimal the rules round,
-    and for a text without exponent rounding half-up to cents is integer arithmetic
-    on its digits. ``cents / 100`` is correctly rounded (int true division), as is
-    ``float(Decimal)``, so both give the same float.
+    The rules round the float's shortest text (``repr``) half-up to cents. Below 1e7
+    that is arithmetic on ``number * 100``, whose error (under 1e-7 cents) is far
+    smaller than the distance to the nearest half cent unless the text itself ends in
+    a half cent: away from half cents the nearest cent is the answer; near one, the
+    half cent's own float decides. If ``number`` is that float, its shortest text is
+    the half cent (no shorter text is that close) and rounds away from zero;
+    otherwise the text lies on the same side of the half cent as ``number``. The
+    cents give the float as the reference does: ``cents / 100`` is correctly rounded.
     """
+    if -1e7 < number < 1e7:
+        scaled = number * 100
+        cents = round(scaled)
+        if not -0.49 < scaled - cents < 0.49:  # near a half cent
+            low = math.floor(scaled)
+            half_cent = (2 * low + 1) / 200
+            rounds_up = number > half_cent or (number == half_cent and number > 0)
+            cents = low + 1 if rounds_up else low
+        return cents / 100 if cents % 100 else cents // 100
+    return _float_amount_from_text(number)
+
+
+def _float_amount_from_text(number: float) -> int | float | None:
+    """``float_amount`` for any float: half-up on the digits of its shortest text."""
     text = repr(number)
     dot = text.find(".")
     if dot < 0 or "e" in text:  # an exponent, inf or nan: the general path decides
@@ -206,14 +225,19 @@ def custom_name_ok(name: str) -> bool:
 SKIPPED_ENTRY: dict[str, str] = {}  # custom_entry's answer for an attribute not sent
 
 
-@functools.lru_cache(maxsize=16384, typed=True)  # typed: 1, 1.0 and True stay apart
-def custom_entry(name: str, raw: str | int | float | bool) -> dict[str, str]:
-    """One customData entry, or SKIPPED_ENTRY. Cached: the same attribute recurs across events,
-    and the entries are never mutated (Amazon requests are treated as immutable)."""
+def fresh_custom_entry(name: str, raw: str | int | float | bool) -> dict[str, str]:
+    """One customData entry, or SKIPPED_ENTRY."""
     value = custom_value(raw)
     if value is None or not custom_name_ok(name):
         return SKIPPED_ENTRY
     return {"name": name, "value": value, "dataType": "STRING"}
+
+
+# Cached: the same attribute recurs across events, and the entries are never mutated
+# (Amazon requests are treated as immutable). typed: 1, 1.0 and True stay apart; but
+# 0.0 == -0.0 whatever the types, and they are sent as "0.0" and "-0.0", so callers
+# give float zeros to fresh_custom_entry instead.
+custom_entry = functools.lru_cache(maxsize=16384, typed=True)(fresh_custom_entry)
 
 
 _CUSTOM_SCALARS = (str, int, float)  # bool is an int: "true" / "false"
@@ -225,7 +249,10 @@ def custom_data(attributes: Sequence[tuple[str, Any]]) -> tuple[list[dict[str, s
     skipped = 0
     for name, raw in attributes:
         if isinstance(raw, _CUSTOM_SCALARS) and len(entries) < MAX_CUSTOM_DATA:
-            entry = custom_entry(name, raw)
+            if raw or type(raw) is not float:
+                entry = custom_entry(name, raw)
+            else:  # 0.0 or -0.0, which the cache does not tell apart
+                entry = fresh_custom_entry(name, raw)
             if entry is not SKIPPED_ENTRY:
                 entries.append(entry)
                 continue
