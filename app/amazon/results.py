@@ -33,11 +33,14 @@ class EventResult:
     message: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        result: dict[str, Any] = {"index": self.index, "status": "ok" if self.ok else "rejected"}
-        if not self.ok:
-            result["code"] = self.code
-            result["message"] = self.message
-        return result
+        if self.ok:
+            return {"index": self.index, "status": "ok"}
+        return {
+            "index": self.index,
+            "status": "rejected",
+            "code": self.code,
+            "message": self.message,
+        }
 
 
 @dataclass(slots=True)
@@ -102,7 +105,26 @@ def read_response(
     return Reading(Verdict.FAILED, error=f"HTTP {status} {_error_text(body)}".strip())
 
 
+def _all_accepted(body: dict[str, Any], count: int) -> bool:
+    """Amazon's usual 207: no error, and every position once in ``success``, in order."""
+    if body.get("error"):
+        return False
+    success = body.get("success")
+    if type(success) is not list or len(success) != count:
+        return False
+    for position, item in enumerate(success):
+        if type(item) is not dict:
+            return False
+        index = item.get("index")
+        if type(index) is not int or index != position:
+            return False
+    return True
+
+
 def _read_multi_status(body: dict[str, Any], index_map: list[int]) -> Reading:
+    if _all_accepted(body, len(index_map)):
+        # What the general reading below gives for it, without its sets and sorts.
+        return Reading(Verdict.DONE, results=[EventResult(index, ok=True) for index in index_map])
     seen: dict[int, EventResult] = {}
     retry: set[int] = set()
     for item in body.get("success") or []:

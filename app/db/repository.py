@@ -20,6 +20,7 @@ from sqlalchemy import (
     Select,
     Table,
     and_,
+    bindparam,
     case,
     delete,
     func,
@@ -415,18 +416,20 @@ async def get_connection_by_key(session: AsyncSession, key: str) -> Connection |
     return result.one_or_none()
 
 
+# Built once (every ingest runs it): only the key is bound per request.
+_CONNECTION_WITH_OUTPUT: Final = (
+    select(Connection, Output)
+    .join(Output, Output.id == Connection.output_id)
+    .where(Connection.key == bindparam("connection_key"))
+    .execution_options(populate_existing=True)
+)
+
+
 async def get_connection_with_output(
     session: AsyncSession, key: str
 ) -> tuple[Connection, Output] | None:
     """The connection with this key and its output, in one query (every ingest asks)."""
-    row = (
-        await session.execute(
-            select(Connection, Output)
-            .join(Output, Output.id == Connection.output_id)
-            .where(Connection.key == key)
-            .execution_options(populate_existing=True)
-        )
-    ).one_or_none()
+    row = (await session.execute(_CONNECTION_WITH_OUTPUT, {"connection_key": key})).one_or_none()
     return None if row is None else (row[0], row[1])
 
 
@@ -704,6 +707,30 @@ def _held_by(delivery_id: str, worker_id: str) -> Any:
     )
 
 
+# The outcome UPDATE of a held delivery, built once: each outcome only binds its values
+# (the SET clause follows the parameters' names), so no statement is built, coerced and
+# cache-keyed per delivery (~0.25 ms each, with 100 per-event results as a literal).
+_HELD_UPDATE: Final = update(_DELIVERIES).where(
+    _DELIVERIES.c.id == bindparam("held_id"),
+    _DELIVERIES.c.status == bindparam("held_status"),
+    _DELIVERIES.c.leased_by == bindparam("held_by"),
+)
+
+
+async def _update_held(
+    session: AsyncSession, delivery_id: str, worker_id: str, values: Mapping[str, Any]
+) -> bool:
+    """_update(session, _held_by(delivery_id, worker_id), values), with _HELD_UPDATE."""
+    parameters = {
+        **values,
+        "held_id": delivery_id,
+        "held_status": DeliveryStatus.IN_FLIGHT,
+        "held_by": worker_id,
+    }
+    result = await session.execute(_HELD_UPDATE, parameters)
+    return _rowcount(result) == 1
+
+
 async def _update(session: AsyncSession, where: Any, values: Mapping[str, Any]) -> bool:
     # A Core UPDATE of the table: the ORM's "fetch" synchronisation read the row back
     # for an identity map that these short sessions never use.
@@ -748,7 +775,7 @@ async def complete(
     if status not in _FINAL:
         raise ValueError(f"complete() takes {', '.join(_FINAL)}, not {status}")
     values = _outcome(now, status_code, error, results) | {"status": DeliveryStatus(status)}
-    return await _update(session, _held_by(delivery_id, worker_id), values)
+    return await _update_held(session, delivery_id, worker_id, values)
 
 
 async def reschedule(
@@ -777,7 +804,7 @@ async def reschedule(
         if index_map is None:
             raise ValueError("a new body needs its index_map")
         values |= {"body": body, "index_map": list(index_map), "event_count": len(index_map)}
-    return await _update(session, _held_by(delivery_id, worker_id), values)
+    return await _update_held(session, delivery_id, worker_id, values)
 
 
 async def mark_dead(

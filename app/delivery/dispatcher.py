@@ -333,9 +333,12 @@ class Dispatcher:
                 metrics.EVENTS_REJECTED.labels(code=result.code or "UNKNOWN").inc()
 
     async def _record(self, delivery: Delivery, answer: Answer, reading: Reading) -> None:
-        results = [*(delivery.results or []), *(r.as_dict() for r in reading.results)]
+        earlier = delivery.results or []
+        results = [*earlier, *[r.as_dict() for r in reading.results]]
         if reading.verdict is Verdict.DONE:
-            ok = sum(1 for r in results if r.get("status") == "ok")
+            ok = sum(1 for r in earlier if r.get("status") == "ok") + sum(
+                1 for r in reading.results if r.ok
+            )
             status = (
                 DeliveryStatus.DELIVERED
                 if ok == len(results)
