@@ -4,9 +4,9 @@
 FROM python:3.11.7-slim-bookworm AS build
 WORKDIR /src
 RUN python -m venv /opt/venv
-COPY requirements.lock ./
+COPY requirements.txt ./
 # Every file checked against the lock's hashes; nothing resolved at build time.
-RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes --no-deps -r requirements.lock
+RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes --no-deps -r requirements.txt
 COPY pyproject.toml README.md alembic.ini ./
 COPY app ./app
 COPY migrations ./migrations

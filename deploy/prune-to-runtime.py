@@ -1,6 +1,6 @@
 """Leave in a virtual environment only what the relay needs at run time.
 
-The Docker build installs the whole lock file (requirements.lock holds the runtime and
+The Docker build installs the whole lock file (requirements.txt holds the runtime and
 the development packages in one resolution, every file checked against its hash), then
 runs this with the environment's own Python: it walks the relay's declared requirements
 (with their extras and markers) through the installed packages' metadata and uninstalls
