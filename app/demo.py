@@ -21,7 +21,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from app.config import isolated_settings
+from app.config import Settings, isolated_settings
 from app.db.migrate import upgrade_to_head
 from app.emulator import create_app as create_emulator
 from app.localserver import bind_loopback, serve_in_thread, url_of
@@ -122,6 +122,25 @@ def _metrics(console: Console, relay: str) -> None:
             console.print(f"  {line}")
 
 
+def emulator_settings(
+    *, database_url: str, key_file: Path, admin_token: str, amazon: str, relay_url: str
+) -> Settings:
+    """Settings of a relay at ``relay_url`` whose Amazon is the emulator at ``amazon``:
+    its LwA client, its authorize and token URLs, its Events API."""
+    return isolated_settings(
+        database_url=database_url,
+        key_file=key_file,
+        admin_token=admin_token,
+        lwa_client_id=CLIENT_ID,
+        lwa_client_secret=CLIENT_SECRET,
+        amazon_api_url=amazon,
+        lwa_authorize_url=f"{amazon}/ap/oa",
+        lwa_token_url=f"{amazon}/auth/o2/token",
+        public_url=relay_url,
+        log_format="console",
+    )
+
+
 def run_demo(*, keep: bool = False) -> int:
     console = Console()
     began = time.monotonic()
@@ -133,17 +152,12 @@ def run_demo(*, keep: bool = False) -> int:
         ) as amazon:
             sock = bind_loopback()
             relay_url = url_of(sock)
-            settings = isolated_settings(
+            settings = emulator_settings(
                 database_url=f"sqlite+aiosqlite:///{workdir}/relay.db",
                 key_file=workdir / "relay.key",
                 admin_token=admin_token,
-                lwa_client_id=CLIENT_ID,
-                lwa_client_secret=CLIENT_SECRET,
-                amazon_api_url=amazon,
-                lwa_authorize_url=f"{amazon}/ap/oa",
-                lwa_token_url=f"{amazon}/auth/o2/token",
-                public_url=relay_url,
-                log_format="console",
+                amazon=amazon,
+                relay_url=relay_url,
             )
             upgrade_to_head(settings.database_url)
             console.print(

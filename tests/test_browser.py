@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from app.config import isolated_settings
 from app.db.migrate import upgrade_to_head
+from app.demo import CLIENT_ID, CLIENT_SECRET, emulator_settings
 from app.emulator import create_app as create_emulator
 from app.localserver import bind_loopback, serve_in_thread, url_of
 from app.main import create_app
@@ -56,7 +56,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-CLIENT_ID, CLIENT_SECRET = "relay-browser-client", "relay-browser-secret"
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 VIEWPORT: ViewportSize = {"width": 1200, "height": 900}
 # 200 % zoom in a 1280 x 900 window: 640 x 450 CSS pixels, each two device pixels wide.
@@ -90,17 +89,12 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     ) as amazon:
         sock = bind_loopback()
         relay_url = url_of(sock)
-        settings = isolated_settings(
+        settings = emulator_settings(
             database_url=f"sqlite+aiosqlite:///{tmp_path}/relay.db",
             key_file=tmp_path / "relay.key",
             admin_token=admin_token,
-            lwa_client_id=CLIENT_ID,
-            lwa_client_secret=CLIENT_SECRET,
-            amazon_api_url=amazon,
-            lwa_authorize_url=f"{amazon}/ap/oa",
-            lwa_token_url=f"{amazon}/auth/o2/token",
-            public_url=relay_url,
-            log_format="console",
+            amazon=amazon,
+            relay_url=relay_url,
         )
         upgrade_to_head(settings.database_url)
         with serve_in_thread(create_app(settings), sock):

@@ -19,8 +19,7 @@ import orjson
 import pytest
 from segment.analytics import Client
 
-from app.config import isolated_settings
-from app.demo import CLIENT_ID, CLIENT_SECRET, _login
+from app.demo import CLIENT_ID, CLIENT_SECRET, _login, emulator_settings
 from app.emulator import create_app as create_emulator
 from app.localserver import bind_loopback, serve_in_thread, url_of
 from app.main import create_app
@@ -71,16 +70,12 @@ def stack(database_url: str, tmp_path: Path) -> Iterator[Stack]:
     ) as amazon:
         sock = bind_loopback()
         relay_url = url_of(sock)
-        settings = isolated_settings(
+        settings = emulator_settings(
             database_url=database_url,
             key_file=tmp_path / "relay.key",
             admin_token=ADMIN,
-            lwa_client_id=CLIENT_ID,
-            lwa_client_secret=CLIENT_SECRET,
-            amazon_api_url=amazon,
-            lwa_authorize_url=f"{amazon}/ap/oa",
-            lwa_token_url=f"{amazon}/auth/o2/token",
-            public_url=relay_url,
+            amazon=amazon,
+            relay_url=relay_url,
         )
         with (
             serve_in_thread(create_app(settings), sock),
