@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from mapping_helpers import (
+    DROP_REASONS,
     EMAIL,
     EMAIL_HASH,
     EMAIL_KEY,
@@ -1530,18 +1531,7 @@ def test_each_drop_reason(
 
 # §9 precedence: every combination of conditions gives the first reason of the order.
 
-ORDER = [
-    "invalid_event",
-    "not_commerce_event",
-    "unmapped_event",
-    "missing_action",
-    "too_old",
-    "in_future",
-    "no_country_code",
-    "no_match_key",
-    "missing_consent",
-    "consent_denied",
-]
+ORDER = list(DROP_REASONS)  # mapping.md §9's order, written once in mapping_helpers
 EXCLUSIVE = [
     {"not_commerce_event", "missing_action", "unmapped_event"},
     {"too_old", "in_future"},
