@@ -55,6 +55,7 @@ class Answer:
     posted_at: float
     status: int
     tries: int  # posts it took (more than one: earlier ones got no answer)
+    answered_at: float  # when the answer that settled it arrived
 
 
 @dataclass
@@ -88,8 +89,14 @@ class Pump:
         assert not self._thread.is_alive(), "the load thread did not stop"
 
     def statuses(self, since: float = 0.0, until: float = float("inf")) -> Counter[int]:
+        """The answers to batches first posted in [since, until)."""
         with self._lock:
             return Counter(a.status for a in self.answers if since <= a.posted_at < until)
+
+    def answered(self, since: float, until: float) -> Counter[int]:
+        """The answers given in [since, until), whenever their batches were posted."""
+        with self._lock:
+            return Counter(a.status for a in self.answers if since <= a.answered_at < until)
 
     def _run(self) -> None:
         ids = itertools.count(self.first_id)
@@ -119,7 +126,9 @@ class Pump:
                 time.sleep(0.2)
                 continue
             with self._lock:
-                self.answers.append(Answer(posted_at, answer.status_code, tries))
+                self.answers.append(
+                    Answer(posted_at, answer.status_code, tries, time.monotonic())
+                )
                 if answer.status_code == 202:
                     self.accepted |= accepted_event_ids(batch, answer.json())
                 elif answer.status_code == 503:
