@@ -315,7 +315,7 @@ def _country(event: CanonicalEvent) -> str | None:
     return None
 
 
-def _consent(event: CanonicalEvent, settings: OutputSettings) -> dict[str, Any]:
+def consent_object(event: CanonicalEvent, settings: OutputSettings) -> dict[str, Any]:
     signals = event.consent
     state = event.user.consent
     user_data = normalize.consent_status(signals.user_data)
@@ -460,7 +460,7 @@ class BatchMapper:
             keys = self._keys[keys_key] = match_keys(event.user, country, self._extended)
         if not keys:
             return "no_match_key"
-        consent = _consent(event, self.settings)
+        consent = consent_object(event, self.settings)
         if self._eu and not consent:
             return "missing_consent"
         if (

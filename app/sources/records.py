@@ -57,7 +57,7 @@ EVENT_SOURCES = {
     "offline": Platform.OFFLINE,
 }
 _CAMEL = re.compile(r"(?<=[a-z0-9])([A-Z])")
-_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 # The caches are bounded in entries and in the size of what they keep: keys and
@@ -86,16 +86,20 @@ def _column_names(keys: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(snake(key) for key in keys)
 
 
-def _fields(raw: dict[Any, Any]) -> dict[str, Any]:
-    """The record's non-empty values by snake_case name (a later duplicate wins)."""
-    keys = tuple(raw)
+def column_names(keys: tuple[Any, ...]) -> tuple[str, ...]:
+    """The snake_case names of a record's keys; InvalidEventError for a key not text."""
     try:
         if len(keys) <= _CACHED_COLUMNS and sum(map(len, keys)) <= _CACHED_COLUMN_CHARS:
-            names = _column_names(keys)
-        else:  # a very wide record (or a hostile one) is not kept in the cache
-            names = tuple(snake(key) for key in keys)
+            return _column_names(keys)
+        # a very wide record (or a hostile one) is not kept in the cache
+        return tuple(snake(key) for key in keys)
     except (TypeError, AttributeError):  # a key that is not text: not a record's column
         raise InvalidEventError("record has a key that is not text") from None
+
+
+def _fields(raw: dict[Any, Any]) -> dict[str, Any]:
+    """The record's non-empty values by snake_case name (a later duplicate wins)."""
+    names = column_names(tuple(raw))
     return {name: v for name, v in zip(names, raw.values(), strict=True) if v not in _EMPTY}
 
 
@@ -152,7 +156,7 @@ def _record(index: int, raw: Any) -> CanonicalEvent:
     match_id = None
     user_id = nonblank(get("user_id"))
     if user_id is not None:
-        if _HEX64.fullmatch(user_id.strip()):
+        if HEX64.fullmatch(user_id.strip()):
             emails.append(user_id)  # a pre-hashed email (MadConnect's schema)
         else:
             match_id = user_id
@@ -248,19 +252,30 @@ class RecordsAdapter:
         return decode_records(body, content_type)
 
     def parse(self, payload: Any) -> ParsedBatch:
-        if isinstance(payload, dict):
-            payload = [payload]
-        if not isinstance(payload, list):
-            raise PayloadError("records must be a list")
+        payload = batch_records(payload)
         parsed = ParsedBatch()
         for index, raw in enumerate(payload):
             try:
-                if isinstance(raw, _BadLine):
-                    raise InvalidEventError("line is not valid JSON")
-                parsed.events.append(_record(index, raw))
+                parsed.events.append(record_event(index, raw))
             except InvalidEventError as problem:
                 parsed.rejects.append(Dropped(index, "invalid_event", str(problem)))
         return parsed
+
+
+def batch_records(payload: Any) -> list[Any]:
+    """The records of a payload as ``parse`` reads them (one object is one record)."""
+    if isinstance(payload, dict):
+        return [payload]
+    if not isinstance(payload, list):
+        raise PayloadError("records must be a list")
+    return payload
+
+
+def record_event(index: int, raw: Any) -> CanonicalEvent:
+    """One record as a canonical event; InvalidEventError says why it cannot be one."""
+    if isinstance(raw, _BadLine):
+        raise InvalidEventError("line is not valid JSON")
+    return _record(index, raw)
 
 
 ADAPTER = RecordsAdapter()
