@@ -32,7 +32,7 @@ from tenacity import (
 from app import lwa, metrics
 from app.amazon.client import Answer, send_events
 from app.amazon.endpoints import Endpoints
-from app.amazon.results import Reading, Verdict, read_response
+from app.amazon.results import Reading, Verdict, read_answer
 from app.crypto import SecretText
 from app.db import repository as repo
 from app.db.base import utcnow
@@ -278,7 +278,7 @@ class Dispatcher:
             await self._retry(delivery, None, None, error=f"token refresh failed: {error}")
             return
         answer = await self._send(delivery, output, token)
-        reading = read_response(answer.status, answer.body, answer.retry_after, delivery.index_map)
+        reading = read_answer(answer.status, answer.body, answer.retry_after, delivery.index_map)
         if reading.verdict is Verdict.REFRESH:
             # One refresh and one resend (service.md: 401 → refresh, retry once).
             try:
@@ -290,7 +290,7 @@ class Dispatcher:
                 await self._retry(delivery, 401, None, error=f"token refresh failed: {error}")
                 return
             answer = await self._send(delivery, output, token)
-            reading = read_response(
+            reading = read_answer(
                 answer.status, answer.body, answer.retry_after, delivery.index_map
             )
             if reading.verdict is Verdict.REFRESH:
