@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency",
         type=int,
         default=None,
-        help="batches being queued at once, counted in file order (1..16, default 2)",
+        help="batches being queued at once, counted in file order (1..16, default 8)",
     )
     upload.add_argument("--url", help="post to a running relay's /v1/records instead")
     upload.add_argument("--key", help="with --url: a records connection's key (or key.secret)")

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.amazon.settings import OutputSettings
 from app.db import repository as repo
 from app.db.models import Connection, Output
-from app.pipeline import map_parsed
+from app.pipeline import PreparedBatch, prepare_batch
 
 if TYPE_CHECKING:
     from app.delivery.dispatcher import Handoff
@@ -63,22 +63,38 @@ async def accept_batch(
     With ``handoff``, as many deliveries as this process's dispatcher has free slots for
     are queued already leased to it, for it to send after the commit (no claim needed).
     """
+    settings = settings_for(output, connection.id)
+    prepared = prepare_batch(payload, connection.source, settings=settings, now=now)
+    return await store_batch(
+        session, prepared, output=output, connection=connection, now=now, handoff=handoff
+    )
+
+
+async def store_batch(
+    session: AsyncSession,
+    prepared: PreparedBatch,
+    *,
+    output: Output,
+    connection: Connection,
+    now: datetime,
+    handoff: Handoff | None = None,
+) -> BatchSummary:
+    """Queue a batch mapped by ``prepare_batch`` (``accept_batch``'s second half)."""
     source = connection.source
-    result = map_parsed(payload, source, settings=settings_for(output, connection.id), now=now)
-    dropped = [d.as_dict() for d in result.dropped]
+    dropped = prepared.dropped
     items = [
         repo.NewDelivery(
             output_id=output.id,
             source=source,
-            body=orjson.dumps(request),
+            body=body,
             index_map=index_map,
             connection_id=connection.id,
             # The batch's drops are kept with its first request, for the deliveries view
             # and the drop counts (app/db/stats.py).
             dropped=dropped if position == 0 else None,
         )
-        for position, (request, index_map) in enumerate(
-            zip(result.requests, result.index_maps, strict=True)
+        for position, (body, index_map) in enumerate(
+            zip(prepared.bodies, prepared.index_maps, strict=True)
         )
     ]
     lease = handoff.lease(len(items), now) if handoff is not None and items else None
@@ -99,10 +115,10 @@ async def accept_batch(
             now=now,
         )
     return BatchSummary(
-        received=result.forwarded + len(result.dropped),
-        accepted=result.forwarded,
+        received=prepared.forwarded + len(dropped),
+        accepted=prepared.forwarded,
         dropped=dropped,
         deliveries=ids,
-        custom_data_skipped=result.custom_data_skipped,
-        drop_reasons=Counter(d.reason for d in result.dropped),
+        custom_data_skipped=prepared.custom_data_skipped,
+        drop_reasons=prepared.drop_reasons,
     )

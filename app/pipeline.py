@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -67,6 +69,36 @@ def map_parsed(payload: Any, source: str, *, settings: OutputSettings, now: date
     parsed = adapter(source).parse(payload)
     return map_events(
         parsed.events, source=source, settings=settings, now=now, rejects=parsed.rejects
+    )
+
+
+@dataclass(slots=True)
+class PreparedBatch:
+    """An inbound batch mapped and ready to queue (``app.ingest.store_batch``): the JSON
+    body of each Events API request with the inbound index of each of its events, and
+    the drops. Plain data, so that it can be made in another process."""
+
+    bodies: list[bytes]
+    index_maps: list[list[int]]
+    dropped: list[dict[str, Any]]
+    forwarded: int
+    custom_data_skipped: int
+    drop_reasons: Counter[str]
+
+
+def prepare_batch(
+    payload: Any, source: str, *, settings: OutputSettings, now: datetime
+) -> PreparedBatch:
+    """``map_parsed`` with each request serialised (pure: ``relay upload`` runs it in a
+    worker process while its own process reads the file and writes to the database)."""
+    result = map_parsed(payload, source, settings=settings, now=now)
+    return PreparedBatch(
+        bodies=[orjson.dumps(request) for request in result.requests],
+        index_maps=result.index_maps,
+        dropped=[d.as_dict() for d in result.dropped],
+        forwarded=result.forwarded,
+        custom_data_skipped=result.custom_data_skipped,
+        drop_reasons=Counter(d.reason for d in result.dropped),
     )
 
 
