@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import __version__, metrics, web
+from app import __version__, memory, metrics, web
 from app.api import admin, ingest, oauth, ops
 from app.api.deps import ApiError
 from app.config import Settings, load_settings
@@ -172,12 +172,14 @@ def create_app(settings: Settings | None = None, *, dispatcher: bool = True) -> 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        memory.limit_heaps()
         runtime = Runtime.build(settings)
         app.state.runtime = runtime
         if settings.admin_token is None:
             log.warning("admin_api_off", hint="set RELAY_ADMIN_TOKEN to use the admin API and /ui/")
         pruning = None
         _freeze_startup_objects()
+        trimming = asyncio.create_task(memory.trim_forever())
         if dispatcher:
             runtime.dispatcher.start()
             if settings.retention_days > 0:
@@ -187,10 +189,11 @@ def create_app(settings: Settings | None = None, *, dispatcher: bool = True) -> 
         try:
             yield
         finally:
-            if pruning is not None:
-                pruning.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pruning
+            for task in (pruning, trimming):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             if dispatcher:
                 await runtime.dispatcher.stop()
             await runtime.close()

@@ -1,0 +1,59 @@
+"""Freed memory goes back to the operating system (app/memory.py).
+
+Without ``malloc_trim`` a relay's RSS stays at the highest burst it ever saw: glibc keeps
+freed chunks inside its heap. The test makes such a burst in this process and checks
+that ``trim`` hands the pages back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+
+import psutil
+import pytest
+
+from app import memory
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or memory._glibc() is None,
+    reason="malloc_trim is glibc's (the relay's image and CI are glibc Linux)",
+)
+
+CHUNK = 64 * 1024  # under glibc's mmap threshold: from the heap, like request bodies
+CHUNKS = 3_000  # about 190 MB
+
+
+def _rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def test_trim_gives_a_bursts_memory_back() -> None:
+    before = _rss_mb()
+    burst = [bytearray(CHUNK) for _ in range(CHUNKS)]  # zero-filled: every page touched
+    keep = bytearray(CHUNK)  # allocated last: the heap's top stays in use
+    high = _rss_mb()
+    assert high - before > 150
+    del burst
+    freed = _rss_mb()
+    assert freed - before > 150, "glibc returned the memory without a trim"
+    assert memory.trim() is True
+    trimmed = _rss_mb()
+    assert trimmed - before < 30, (before, high, freed, trimmed)
+    assert len(keep) == CHUNK
+
+
+def test_heaps_are_limited() -> None:
+    assert memory.limit_heaps() is True
+
+
+async def test_the_relay_trims_once_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[float] = []
+    monkeypatch.setattr(memory, "trim", lambda: calls.append(1.0) or True)
+    task = asyncio.create_task(memory.trim_forever(interval=0.01))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert 3 <= len(calls) <= 11
