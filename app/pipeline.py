@@ -425,7 +425,10 @@ def map_records(payload: Any, *, settings: OutputSettings, now: datetime) -> Map
     except UnicodeEncodeError:  # a lone surrogate: the reference's text, and its error
         id_prefix = None
     forwarded, indexes, drop = mapper.events, mapper.indexes, mapper.drop
-    email_key, phone_key, maid_key = normalize.email_key, normalize.phone_key, normalize.maid_key
+    # A file's emails are mostly distinct: the normalisation's cache would only cost here
+    # (an insertion per row, and memory); phone numbers and countries do repeat.
+    email_key = normalize.email_key.__wrapped__
+    phone_key, maid_key = normalize.phone_key, normalize.maid_key
     plain_amount, plain_count, plain_ms = (
         _PLAIN_AMOUNT.fullmatch,
         _PLAIN_COUNT.fullmatch,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -38,6 +39,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -118,6 +120,35 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+class TreePeaks:
+    """Peak RSS (VmHWM) of a process and its children, sampled until it exits."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peaks: dict[int, float] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> TreePeaks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.2):
+            try:
+                children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+            except OSError:
+                continue
+            for pid in [self.pid, *map(int, children)]:
+                # It may end between the listing and the reading.
+                with contextlib.suppress(OSError):
+                    self.peaks[pid] = max(self.peaks.get(pid, 0.0), peak_rss_mb(pid))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -257,8 +288,9 @@ def run_one(
                 stderr=subprocess.STDOUT,
             )
             assert upload.stdout is not None
-            summary = upload.stdout.read().decode()
-            _, status, usage = os.wait4(upload.pid, 0)
+            with TreePeaks(upload.pid) as upload_peaks:
+                summary = upload.stdout.read().decode()
+                _, status, usage = os.wait4(upload.pid, 0)
             queued_at = time.monotonic()
             if os.waitstatus_to_exitcode(status) != 0:
                 raise RuntimeError(f"relay upload failed:\n{summary}")
@@ -301,7 +333,10 @@ def run_one(
             if phased
             else {}
         ),
-        "upload_peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        # The upload's processes together (the command and its mapper process); wait4's
+        # ru_maxrss is only the largest of them, and its CPU times include the mapper's.
+        "upload_peak_rss_mb": round(sum(upload_peaks.peaks.values()), 1),
+        "upload_peak_rss_by_process_mb": [round(mb, 1) for mb in upload_peaks.peaks.values()],
         "relay_peak_rss_mb": round(relay_rss, 1),
         "emulator_peak_rss_mb": round(emulator_rss, 1),
         "upload_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
