@@ -14,7 +14,7 @@ from app.amazon.endpoints import Endpoints
 from app.auth import ConnectionAuthCache, FailedAuthLimiter
 from app.config import Settings
 from app.crypto import KeyRing, keyring_from_settings
-from app.db.session import create_engine, create_sessionmaker
+from app.db.session import create_autocommit_sessionmaker, create_engine, create_sessionmaker
 from app.delivery.dispatcher import Dispatcher, DispatcherConfig
 from app.delivery.policy import FIRST_DELAY
 from app.http import AiohttpClient, HttpClient, Timeouts
@@ -38,6 +38,8 @@ class Runtime:
     settings: Settings
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
+    # One statement, committed on its own: the ingest's credential read, outcomes.
+    autocommit: async_sessionmaker[AsyncSession]
     http: HttpClient
     keyring: KeyRing
     endpoints: Endpoints
@@ -63,6 +65,7 @@ class Runtime:
             max_overflow=settings.database_max_overflow,
         )
         sessionmaker = create_sessionmaker(engine)
+        autocommit = create_autocommit_sessionmaker(engine)
         http = http_client(concurrency, timeouts=http_timeouts)
         keyring = keyring_from_settings(settings)
         endpoints = Endpoints(
@@ -91,11 +94,13 @@ class Runtime:
                 concurrency=concurrency,
                 first_retry_seconds=first_retry_seconds,
             ),
+            autocommit=autocommit,
         )
         return cls(
             settings=settings,
             engine=engine,
             sessionmaker=sessionmaker,
+            autocommit=autocommit,
             http=http,
             keyring=keyring,
             endpoints=endpoints,

@@ -49,6 +49,13 @@ async def transaction(rt: Runtime) -> AsyncIterator[AsyncSession]:
         yield session
 
 
+@asynccontextmanager
+async def reading(rt: Runtime) -> AsyncIterator[AsyncSession]:
+    """Reads outside a transaction: each statement sees the latest committed data."""
+    async with rt.autocommit() as session:
+        yield session
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
     declared = request.headers.get("content-length")

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from app import jsonutil, metrics
-from app.api.deps import ApiError, RuntimeDep, read_body, strict_json, transaction
+from app.api.deps import ApiError, RuntimeDep, read_body, reading, strict_json, transaction
 from app.api.schemas import BulkSummary, IngestSummary, Problem, SegmentSummary
 from app.auth import Credentials, from_write_key, parse_basic
 from app.db import repository as repo
@@ -92,7 +92,9 @@ async def _connection(
             raise too_many
         rt.limiter.failed(client, identity)
         raise unauthorized
-    async with transaction(rt) as session:
+    # Outside a transaction: one statement when the credentials are in the cache, and
+    # none is open while an unknown secret is hashed.
+    async with reading(rt) as session:
         found = await repo.get_connection_with_output(session, credentials.key)
         connection = found[0] if found is not None else None
         # Credentials proven within the cache's minute pass even while this address or

@@ -81,8 +81,11 @@ class Dispatcher:
         clock: Callable[[], datetime] = utcnow,
         rng: random.Random | None = None,
         worker_id: str | None = None,
+        autocommit: async_sessionmaker[AsyncSession] | None = None,
     ) -> None:
         self._sessionmaker = sessionmaker
+        # For outcomes, which are one UPDATE each: no BEGIN and COMMIT round trips.
+        self._autocommit = autocommit or sessionmaker
         self._http = http
         self._tokens = tokens
         self._endpoints = endpoints
@@ -370,7 +373,7 @@ class Dispatcher:
         results: list[dict[str, Any]],
         error: str | None,
     ) -> None:
-        async with self._sessionmaker() as session, session.begin():
+        async with self._autocommit() as session, session.begin():
             held = await repo.complete(
                 session,
                 delivery.id,

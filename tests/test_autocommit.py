@@ -1,0 +1,80 @@
+"""Single statements outside a transaction (app/db/session.create_autocommit_sessionmaker),
+on both backends: an outcome written that way is durable at once, and a read that way
+holds no transaction open that could block or be blocked by writers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.db import repository as repo
+from app.db.models import DeliveryStatus
+from app.db.session import create_autocommit_sessionmaker
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+
+
+async def _leased_delivery(sessionmaker: async_sessionmaker[AsyncSession]) -> str:
+    async with sessionmaker() as session, session.begin():
+        output = await repo.create_output(session, name="Shop", advertiser_id="123456", now=T0)
+        item = repo.NewDelivery(
+            output_id=output.id, source="mparticle", body=b'{"events":[]}', index_map=[0]
+        )
+        lease = repo.Lease("worker-1", T0 + timedelta(seconds=60), 1)
+        rows = await repo.insert_delivery_rows(session, [item], now=T0, lease=lease)
+    return str(rows[0]["id"])
+
+
+async def test_an_outcome_written_without_a_transaction_is_there_at_once(
+    engine: AsyncEngine, sessionmaker: async_sessionmaker[AsyncSession]
+) -> None:
+    delivery_id = await _leased_delivery(sessionmaker)
+    autocommit = create_autocommit_sessionmaker(engine)
+    async with autocommit() as session, session.begin():
+        held = await repo.complete(
+            session,
+            delivery_id,
+            worker_id="worker-1",
+            now=T0,
+            status=DeliveryStatus.DELIVERED,
+            status_code=207,
+            results=[{"index": 0, "status": "ok"}],
+        )
+        assert held
+        # Another connection sees it before this block ends: it committed on its own.
+        async with sessionmaker() as other:
+            (seen,) = await repo.get_deliveries(other, [delivery_id])
+            assert seen.status == DeliveryStatus.DELIVERED
+    # The lease check still holds: another worker's outcome is not written.
+    async with autocommit() as session, session.begin():
+        assert not await repo.complete(
+            session, delivery_id, worker_id="worker-2", now=T0, status=DeliveryStatus.FAILED
+        )
+    async with sessionmaker() as session:
+        (seen,) = await repo.get_deliveries(session, [delivery_id])
+        assert seen.status == DeliveryStatus.DELIVERED
+        assert seen.results == [{"index": 0, "status": "ok"}]
+
+
+async def test_a_read_without_a_transaction_does_not_hold_one_open(
+    engine: AsyncEngine, sessionmaker: async_sessionmaker[AsyncSession]
+) -> None:
+    delivery_id = await _leased_delivery(sessionmaker)
+    autocommit = create_autocommit_sessionmaker(engine)
+    async with autocommit() as reader:
+        (first,) = await repo.get_deliveries(reader, [delivery_id])
+        assert first.status == DeliveryStatus.IN_FLIGHT
+        # A writer commits while the reading session is still open (SQLite: with a read
+        # transaction open this reader would keep its old snapshot).
+        async with sessionmaker() as writer, writer.begin():
+            assert await repo.complete(
+                writer,
+                delivery_id,
+                worker_id="worker-1",
+                now=T0,
+                status=DeliveryStatus.DELIVERED,
+            )
+        reader.expunge_all()
+        (again,) = await repo.get_deliveries(reader, [delivery_id])
+        assert again.status == DeliveryStatus.DELIVERED
