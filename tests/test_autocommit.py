@@ -1,16 +1,22 @@
 """Single statements outside a transaction (app/db/session.create_autocommit_sessionmaker),
-on both backends: an outcome written that way is durable at once, and a read that way
-holds no transaction open that could block or be blocked by writers."""
+on both backends: an outcome written that way is durable at once, a read that way holds
+no transaction open, and a single ingested batch is exactly one statement."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import pytest
+from e2e_helpers import sdk_batch
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.db import repository as repo
 from app.db.models import DeliveryStatus
 from app.db.session import create_autocommit_sessionmaker
+from app.ingest import settings_for, store_batch
+from app.pipeline import prepare_batch
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -78,3 +84,54 @@ async def test_a_read_without_a_transaction_does_not_hold_one_open(
         reader.expunge_all()
         (again,) = await repo.get_deliveries(reader, [delivery_id])
         assert again.status == DeliveryStatus.DELIVERED
+
+
+# --- ingest: one batch, one statement ---------------------------------------------------
+
+
+DROPPED_ONLY = {"events": [{"event_type": "custom_event", "data": {"event_name": "x"}}]}
+
+
+@pytest.mark.parametrize(
+    ("payload", "requests"),
+    [
+        (sdk_batch([1, 2]), 1),  # the usual batch: one Events API request
+        (DROPPED_ONLY, 0),  # every event dropped: the record of the drops
+    ],
+)
+async def test_the_ingest_stores_a_single_batch_with_one_statement(
+    engine: AsyncEngine,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    payload: dict[str, Any],
+    requests: int,
+) -> None:
+    """The ingest writes a one-request (or all-dropped) batch outside a transaction
+    (app/api/ingest._accept), which is only all-or-nothing because ``store_batch`` makes
+    exactly one statement of it: this holds it to that."""
+    async with sessionmaker() as session, session.begin():
+        output = await repo.create_output(session, name="Shop", advertiser_id="123456", now=T0)
+        created = await repo.create_connection(
+            session, output_id=output.id, source="mparticle", name="web"
+        )
+    now = datetime.now(UTC)  # the SDK's events are stamped now
+    prepared = prepare_batch(
+        payload, "mparticle", settings=settings_for(output, created.connection.id), now=now
+    )
+    assert len(prepared.bodies) == requests
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    autocommit = create_autocommit_sessionmaker(engine)
+    event.listen(engine.sync_engine, "before_cursor_execute", count)
+    try:
+        async with autocommit() as session, session.begin():
+            summary = await store_batch(
+                session, prepared, output=output, connection=created.connection, now=now
+            )
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", count)
+    assert len(statements) == 1, statements
+    assert statements[0].lstrip().upper().startswith("INSERT")
+    assert len(summary.deliveries) == requests

@@ -18,14 +18,23 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from app import jsonutil, metrics
-from app.api.deps import ApiError, RuntimeDep, read_body, reading, strict_json, transaction
+from app.api.deps import (
+    ApiError,
+    RuntimeDep,
+    one_statement,
+    read_body,
+    reading,
+    strict_json,
+    transaction,
+)
 from app.api.schemas import BulkSummary, IngestSummary, Problem, SegmentSummary
 from app.auth import Credentials, from_write_key, parse_basic
 from app.db import repository as repo
 from app.db.base import utcnow
 from app.db.models import Connection, Delivery, DeliveryStatus, Output
 from app.errors import PayloadError
-from app.ingest import BatchSummary, accept_batch
+from app.ingest import BatchSummary, settings_for, store_batch
+from app.pipeline import prepare_batch
 from app.runtime import Runtime
 from app.sources import adapter, mparticle
 
@@ -150,19 +159,26 @@ async def _accept(
             headers={"Retry-After": str(OVERLOAD_RETRY_AFTER_SECONDS)},
         )
     now = utcnow()
+    # Mapped before a database connection is taken: the pool is not held for CPU work.
+    settings = settings_for(output, connection.id)
+    prepared = [prepare_batch(p, connection.source, settings=settings, now=now) for p in payloads]
+    # A batch of one request (the usual case), or whose events were all dropped, is
+    # stored by one INSERT: atomic by itself, it needs no BEGIN and COMMIT. Anything
+    # more shares one transaction, all or nothing.
+    single = len(prepared) == 1 and len(prepared[0].bodies) <= 1
     handoff = rt.dispatcher.handoff(output)
     try:
-        async with transaction(rt) as session:
+        async with one_statement(rt) if single else transaction(rt) as session:
             summaries = [
-                await accept_batch(
+                await store_batch(
                     session,
+                    batch,
                     output=output,
                     connection=connection,
-                    payload=p,
                     now=now,
                     handoff=handoff,
                 )
-                for p in payloads
+                for batch in prepared
             ]
     except BaseException:
         handoff.cancel()
