@@ -80,3 +80,30 @@ def test_a_dispatcher_far_behind_makes_ingest_answer_503(
         stack.amazon.delete("/_emulator/faults")
         stack.wait_settled(timeout=90)
         assert_exactly_the_accepted_reached_amazon(stack, accepted)
+
+
+def test_an_outcome_write_that_fails_once_is_written_again_not_resent(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Amazon answered, and the database refused the first write of that answer (a
+    restart, say): the dispatcher writes it again rather than leave the delivery to its
+    lease, which would send it to Amazon a second time."""
+    failures = [OSError("connection reset while writing the outcome")]
+    real_complete = repo.complete
+
+    async def complete_failing_once(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real_complete(*args, **kwargs)
+
+    monkeypatch.setattr(repo, "complete", complete_failing_once)
+    with relay_stack(database_url, tmp_path) as stack:
+        _, conn = stack.ready_output()
+        batch = sdk_batch([1, 2, 3])
+        accepted = accepted_event_ids(batch, stack.post_events(conn, batch))
+        (found,) = stack.wait_settled()
+        assert failures == []  # the failure happened
+        assert found["status"] == "delivered"
+        assert found["attempts"] == 1
+        assert len(stack.received()) == 1  # one request to Amazon: no resend
+        assert_exactly_the_accepted_reached_amazon(stack, accepted)
