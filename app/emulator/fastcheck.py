@@ -77,20 +77,31 @@ class SchemaCompiler:
         unknown = set(node) - _SUPPORTED - _ANNOTATIONS
         if unknown:
             raise NotImplementedError(f"unsupported schema keywords {sorted(unknown)}")
+        type_check = _type_check(node)
+        kind = node.get("type")
+        # A node's type keyword is folded into the keyword check that tests the same
+        # type anyway (one call per node instead of two; this runs for every field of
+        # every event): an object or array check refuses other types itself, an enum of
+        # strings refuses non-strings, a string pattern takes a string check.
+        object_check = self._object_check(node, typed=kind == "object")
+        array_check = self._array_check(node, typed=kind == "array")
+        enum_check = _enum_check(node)
+        pattern_check = _pattern_check(node, typed=kind == "string")
+        if (
+            (kind == "object" and object_check is not None)
+            or (kind == "array" and array_check is not None)
+            or (kind == "string" and (enum_check is not None or pattern_check is not None))
+        ):
+            type_check = None
         checks = [
             check
-            for check in (
-                _type_check(node),
-                _enum_check(node),
-                _pattern_check(node),
-                self._object_check(node),
-                self._array_check(node),
-            )
+            for check in (type_check, enum_check, pattern_check, object_check, array_check)
             if check is not None
         ]
         return _all_of(checks)
 
-    def _object_check(self, node: Mapping[str, Any]) -> Check | None:
+    def _object_check(self, node: Mapping[str, Any], *, typed: bool) -> Check | None:
+        """``typed``: the node's type is object, so anything else is refused here."""
         if "properties" not in node and "required" not in node:
             return None
         properties = {name: self.compile(sub) for name, sub in node.get("properties", {}).items()}
@@ -99,7 +110,7 @@ class SchemaCompiler:
         # Plain loops, not all(<generator>): this runs for every event and field.
         def check(value: Any) -> bool:
             if not isinstance(value, dict):
-                return True  # the type keyword, if any, refuses it
+                return not typed  # untyped: the keyword does not apply to a non-object
             if not required <= value.keys():
                 return False
             for name, item in value.items():
@@ -110,7 +121,8 @@ class SchemaCompiler:
 
         return check
 
-    def _array_check(self, node: Mapping[str, Any]) -> Check | None:
+    def _array_check(self, node: Mapping[str, Any], *, typed: bool) -> Check | None:
+        """``typed``: the node's type is array, so anything else is refused here."""
         items = node.get("items")
         if items is not None and not isinstance(items, Mapping):
             raise NotImplementedError("tuple-form items")
@@ -122,7 +134,7 @@ class SchemaCompiler:
 
         def check(value: Any) -> bool:
             if not isinstance(value, list):
-                return True
+                return not typed
             if len(value) < low or (high is not None and len(value) > high):
                 return False
             if item_check is not None:
@@ -153,12 +165,15 @@ def _enum_check(node: Mapping[str, Any]) -> Check | None:
     return lambda value: isinstance(value, str) and value in allowed
 
 
-def _pattern_check(node: Mapping[str, Any]) -> Check | None:
+def _pattern_check(node: Mapping[str, Any], *, typed: bool = False) -> Check | None:
+    """``typed``: the node's type is string, so anything else is refused here."""
     if "pattern" not in node:
         return None
-    pattern = re.compile(node["pattern"])
     # jsonschema uses re.search: the pattern may match anywhere in the string.
-    return lambda value: not isinstance(value, str) or pattern.search(value) is not None
+    search = re.compile(node["pattern"]).search
+    if typed:
+        return lambda value: isinstance(value, str) and search(value) is not None
+    return lambda value: not isinstance(value, str) or search(value) is not None
 
 
 def _all_of(checks: list[Check]) -> Check:
