@@ -87,13 +87,13 @@ async def test_mapped_in_the_worker_equals_mapped_in_the_transaction(
     assert [without_ids(d) for d in by_output[0]] == [without_ids(d) for d in by_output[1]]
 
 
-class EditAfterFirst:
-    """A sink that changes the output's settings once its first batch is queued."""
+class ChangeAfterFirst:
+    """A sink that runs ``change`` (a database edit) once its first batch is queued."""
 
-    def __init__(self, sink: DatabaseSink, database_url: str, changes: dict[str, Any]) -> None:
+    def __init__(self, sink: DatabaseSink, database_url: str, change: Any) -> None:
         self._sink = sink
         self._database_url = database_url
-        self._changes = changes
+        self._change = change
         self.target = sink.target
         self.connection_id = sink.connection_id
         self.sent = 0
@@ -105,10 +105,25 @@ class EditAfterFirst:
             engine = create_engine(self._database_url)
             try:
                 async with create_sessionmaker(engine)() as session, session.begin():
-                    await repo.update_output(session, self._sink.output_id, self._changes)
+                    await self._change(session, self._sink)
             finally:
                 await engine.dispose()
         return outcome
+
+
+async def deactivate(session: Any, sink: DatabaseSink) -> None:
+    await repo.update_connection(session, str(sink.connection_id), {"active": False})
+
+
+async def delete(session: Any, sink: DatabaseSink) -> None:
+    await repo.delete_output(session, sink.output_id)
+
+
+def edit(changes: dict[str, Any]) -> Any:
+    async def change(session: Any, sink: DatabaseSink) -> None:
+        await repo.update_output(session, sink.output_id, changes)
+
+    return change
 
 
 async def test_settings_changed_between_batches_are_used_at_once(
@@ -120,7 +135,7 @@ async def test_settings_changed_between_batches_are_used_at_once(
     file = tmp_path / "crm.csv"
     file.write_text(csv_text(40))
     async with sink_for(database_url, output_id, mapper) as sink:
-        editing = EditAfterFirst(sink, database_url, {"data_set_name": "crm_import"})
+        editing = ChangeAfterFirst(sink, database_url, edit({"data_set_name": "crm_import"}))
         report = await stream_upload(
             UploadOptions(file, output_id=output_id, batch_size=10, concurrency=1), editing
         )
@@ -149,3 +164,29 @@ async def test_a_lost_mapper_stops_the_upload_resumably(database_url: str, tmp_p
     point = upload.load_checkpoint(upload.checkpoint_path(file))
     assert point is not None
     assert point.rows_done == 10
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (deactivate, "the 'relay upload' connection is gone or inactive"),
+        (delete, "no longer exists"),
+    ],
+)
+async def test_a_connection_deactivated_or_an_output_deleted_stops_the_upload(
+    database_url: str, tmp_path: Path, mapper: Executor, change: Any, error: str
+) -> None:
+    """Each batch reads the connection and its output again (one query once the
+    connection's key is known): a change between batches stops the next one."""
+    output_id = await new_output(database_url)
+    file = tmp_path / "crm.csv"
+    file.write_text(csv_text(30))
+    async with sink_for(database_url, output_id, mapper) as sink:
+        report = await stream_upload(
+            UploadOptions(file, output_id=output_id, batch_size=10, concurrency=1),
+            ChangeAfterFirst(sink, database_url, change),
+        )
+    assert not report.complete
+    assert report.error is not None
+    assert error in report.error
+    assert report.totals.rows == 10
