@@ -126,9 +126,7 @@ class Pump:
                 time.sleep(0.2)
                 continue
             with self._lock:
-                self.answers.append(
-                    Answer(posted_at, answer.status_code, tries, time.monotonic())
-                )
+                self.answers.append(Answer(posted_at, answer.status_code, tries, time.monotonic()))
                 if answer.status_code == 202:
                     self.accepted |= accepted_event_ids(batch, answer.json())
                 elif answer.status_code == 503:
