@@ -34,7 +34,9 @@ class ApiError(RelayError):
         self.headers = headers or {}
 
 
-def runtime(request: Request) -> Runtime:
+async def runtime(request: Request) -> Runtime:
+    # async on purpose: FastAPI runs a plain ``def`` dependency in its thread pool, a
+    # thread hop on every request for one attribute read.
     rt: Runtime = request.app.state.runtime
     return rt
 

@@ -206,7 +206,7 @@ class UIRoute(APIRoute):
 router = APIRouter(prefix=PREFIX, route_class=UIRoute, include_in_schema=False)
 
 
-def require_login(request: Request) -> None:
+async def require_login(request: Request) -> None:
     if not logged_in(request):
         raise LoginRequiredError
 
