@@ -751,6 +751,10 @@ async def test_deliveries_show_results_drops_and_retry(admin: UI) -> None:
     assert page.text.count('/retry" class="inline"') == 1  # only the dead one
     assert f"/ui/deliveries/{second}/retry" in page.text
 
+    far = await admin.client.get(f"/ui/outputs/{output_id}/deliveries?page={10**30}")
+    assert far.status_code == 200  # past the last page: an empty page, not a 500
+    assert first not in far.text
+
     only_dead = await admin.client.get(f"/ui/outputs/{output_id}/deliveries?status=dead")
     assert second in only_dead.text
     assert first not in only_dead.text

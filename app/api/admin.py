@@ -216,7 +216,7 @@ async def list_deliveries(
     output_id: str | None = None,
     status: DeliveryStatus | None = None,
     limit: int = Query(default=100, ge=1, le=1000),
-    offset: int = Query(default=0, ge=0),
+    offset: int = Query(default=0, ge=0, le=repo.MAX_OFFSET),
 ) -> list[DeliveryOut]:
     async with transaction(rt) as session:
         found = await repo.list_deliveries(

@@ -904,6 +904,10 @@ async def get_deliveries(session: AsyncSession, delivery_ids: Sequence[str]) -> 
     return [found[i] for i in delivery_ids if i in found]
 
 
+# Far past any queue, and inside the 64-bit integer both databases take for OFFSET.
+MAX_OFFSET: Final = 1_000_000_000
+
+
 async def list_deliveries(
     session: AsyncSession,
     *,

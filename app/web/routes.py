@@ -660,7 +660,8 @@ async def deliveries_page(
     page: int = 1,
 ) -> Response:
     chosen = status if status in {s.value for s in DeliveryStatus} else None
-    page = max(page, 1)
+    # Past the last page is an empty page, however far past (the OFFSET stays in range).
+    page = min(max(page, 1), repo.MAX_OFFSET // DELIVERIES_PAGE)
     async with transaction(rt) as session:
         output = await repo.get_output(session, output_id)
         if output is None:
