@@ -116,6 +116,23 @@ def test_malformed_json_is_a_400_naming_the_problem_everywhere(stack: Stack) -> 
     assert stored(stack) == (before[0] + 1, before[1])
 
 
+def test_a_nul_character_in_an_admin_body_is_a_400_not_an_outage(stack: Stack) -> None:
+    """Found by schemathesis on PostgreSQL: text columns cannot hold U+0000, and the
+    database's refusal was answered as an outage (503). It is the caller's input."""
+    for path, body in [
+        ("/v1/outputs", {"name": "Shop\u0000", "advertiser_id": "123"}),
+        ("/v1/outputs", {"name": "Shop", "advertiser_id": "1", "extra": ["a", {"k\u0000": 1}]}),
+    ]:
+        answer = stack.admin.post(path, json=body)
+        assert answer.status_code == 400, answer.text
+        assert "NUL character" in answer.json()["message"]
+    assert stack.admin.get("/v1/outputs").json() == []
+    # An escaped backslash followed by "u0000" is no NUL: a name may say so.
+    fine = stack.admin.post("/v1/outputs", json={"name": "a\\u0000b", "advertiser_id": "1"})
+    assert fine.status_code == 201, fine.text
+    assert fine.json()["name"] == "a\\u0000b"
+
+
 def test_valid_json_in_unusual_forms_is_accepted(stack: Stack) -> None:
     """The strict decoder refuses only what is ambiguous or unsendable."""
     output = stack.create_output()

@@ -184,11 +184,27 @@ class StrictJSONRequest(Request):
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
+            body = await self.body()
             try:
-                self._json = strict_json(await self.body())
+                value = strict_json(body)
+                if b"\\u0000" in body and _holds_nul(value):
+                    # Valid JSON, but PostgreSQL's text cannot hold it: refused here
+                    # with a reason, not by the database as an outage (503).
+                    raise PayloadError("a string holds the NUL character (\\u0000)")
             except PayloadError as error:
                 raise json.JSONDecodeError(error.message, "", 0) from None
+            self._json = value
         return self._json
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return False
 
 
 class StrictJSONRoute(APIRoute):
