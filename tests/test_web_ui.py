@@ -647,6 +647,24 @@ async def test_segment_connection_shows_the_write_key(admin: UI) -> None:
     assert "X-Signature" in page
 
 
+async def test_a_nul_character_in_a_form_is_a_validation_message(admin: UI) -> None:
+    """PostgreSQL's text cannot hold U+0000: the form says so instead of a 503 page."""
+    answer = await admin.post(
+        "/ui/outputs",
+        {
+            "name": "Web\x00shop",
+            "advertiser_id": "123",
+            "region": "NA",
+            "match_keys": "standard",
+            "consent_mode": "forward",
+        },
+    )
+    assert answer.status_code == 422
+    assert "NUL character" in answer.text
+    async with await admin.db() as session:
+        assert await repo.list_outputs(session) == []
+
+
 async def test_connection_form_validation(admin: UI) -> None:
     output_id = await admin.create_output()
     answer = await admin.post(

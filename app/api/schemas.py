@@ -25,6 +25,15 @@ Source = Literal["mparticle", "segment", "records"]
 class _Input(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _storable_text(cls, value: Any) -> Any:
+        # PostgreSQL's text cannot hold U+0000: refused as input (the web UI's forms
+        # come here too), not by the database as an outage.
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("must not contain the NUL character (U+0000)")
+        return value
+
 
 class OutputSettingsFields(_Input):
     max_event_age_hours: int | None = Field(default=None, ge=1, le=504)
