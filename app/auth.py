@@ -42,6 +42,8 @@ def parse_basic(header: str | None) -> Credentials | None:
         decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
         return None
+    if "\x00" in decoded:  # no key or secret holds one, and the database refuses it
+        return None
     user, _, password = decoded.partition(":")
     if password:
         return Credentials(user, password)
@@ -50,7 +52,7 @@ def parse_basic(header: str | None) -> Credentials | None:
 
 def from_write_key(write_key: str | None) -> Credentials | None:
     """A write key is ``<key>.<secret>``: Segment sends it alone, as the Basic user name."""
-    if not write_key:
+    if not write_key or "\x00" in write_key:
         return None
     key, dot, secret = write_key.partition(".")
     return Credentials(key, secret) if dot and key and secret else None

@@ -48,7 +48,8 @@ SECURITY_HEADERS = [
 
 
 class RequestContext:
-    """Pure ASGI: a request id in every log line, security headers, ingest latency."""
+    """Pure ASGI: a request id in every log line, security headers, ingest latency, and
+    URLs holding a NUL character refused (400)."""
 
     def __init__(self, app: ASGIApp, *, https: bool) -> None:
         self.app = app
@@ -62,6 +63,9 @@ class RequestContext:
             return
         request_id = uuid.uuid4().hex[:16]
         structlog.contextvars.bind_contextvars(request_id=request_id)
+        # No id, key or name holds U+0000, and PostgreSQL refuses it in a query (which
+        # would be answered as an outage): such a URL is refused as it stands.
+        nul_in_url = "\x00" in scope["path"] or b"%00" in scope["query_string"]
         timed = scope["path"] in INGEST_PATHS
         start = time.perf_counter()
 
@@ -75,7 +79,14 @@ class RequestContext:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_headers)
+            if nul_in_url:
+                refused = JSONResponse(
+                    {"error": "invalid_request", "message": "the URL holds a NUL character (%00)"},
+                    status_code=400,
+                )
+                await refused(scope, receive, send_with_headers)
+            else:
+                await self.app(scope, receive, send_with_headers)
         finally:
             if timed:
                 metrics.INGEST_SECONDS.observe(time.perf_counter() - start)

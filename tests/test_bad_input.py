@@ -133,6 +133,38 @@ def test_a_nul_character_in_an_admin_body_is_a_400_not_an_outage(stack: Stack) -
     assert fine.json()["name"] == "a\\u0000b"
 
 
+def test_a_nul_character_in_a_url_or_credentials_is_refused_not_an_outage(
+    stack: Stack,
+) -> None:
+    """Found by schemathesis on PostgreSQL: a NUL in an id reached a query, and the
+    database's refusal was answered as an outage (503)."""
+    output, conn = stack.ready_output()
+    for path in [
+        "/oauth/amazon/start?output_id=%00x",
+        f"/v1/outputs/{output['id']}%00",
+        "/v1/deliveries?output_id=a%00b",
+    ]:
+        answer = stack.admin.get(path)
+        assert answer.status_code == 400, (path, answer.text)
+        assert answer.json() == {
+            "error": "invalid_request",
+            "message": "the URL holds a NUL character (%00)",
+        }
+        assert answer.headers["x-content-type-options"] == "nosniff"
+    batch = good_batch_text()
+    for auth in [(conn.key + "\x00", conn.secret), (conn.key, conn.secret + "\x00")]:
+        answer = stack.client.post("/v2/events", content=batch, auth=auth, headers=JSON)
+        assert answer.status_code == 401, answer.text
+    segment = stack.client.post(
+        "/v1/track", json={"writeKey": "k\x00.s", "event": "Order Completed", "userId": "u"}
+    )
+    assert segment.status_code == 401, segment.text
+    assert (
+        stack.client.post("/v2/events", content=batch, auth=conn.auth, headers=JSON).status_code
+        == 202
+    )
+
+
 def test_valid_json_in_unusual_forms_is_accepted(stack: Stack) -> None:
     """The strict decoder refuses only what is ambiguous or unsendable."""
     output = stack.create_output()
