@@ -9,13 +9,18 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from app.amazon.mapping import MapResult
+import pytest
+
+from app.amazon.mapping import MapResult, map_events
 from app.amazon.schema import request_errors
 from app.amazon.settings import OutputSettings
+from app.errors import PayloadError
 from app.pipeline import map_payload, output_settings
+from app.sources.base import SourceAdapter
 
 # mapping.md §9, in precedence order.
 DROP_REASONS = (
@@ -241,3 +246,32 @@ def assert_consistent(result: MapResult) -> None:
     assert not set(dropped) & set(forwarded), "never both forwarded and dropped"
     for d in result.dropped:
         assert d.reason in DROP_REASONS, d
+
+
+def assert_fused_lane_equals_reference(
+    lane: Callable[..., MapResult],
+    source_adapter: SourceAdapter,
+    payload: Any,
+    output: OutputSettings,
+) -> None:
+    """A fused lane (``pipeline.map_mparticle``, ``map_records``) against its reference,
+    the source's adapter + the mapper: the same answer byte for byte, including the index
+    maps and the count of skipped customData entries, and the same refusals."""
+    try:
+        parsed = source_adapter.parse(payload)
+    except PayloadError:
+        with pytest.raises(PayloadError):
+            lane(payload, settings=output, now=NOW)
+        return
+    reference = map_events(
+        parsed.events,
+        source=source_adapter.name,
+        settings=output,
+        now=NOW,
+        rejects=parsed.rejects,
+    )
+    fused = lane(payload, settings=output, now=NOW)
+    assert json.dumps(fused.requests) == json.dumps(reference.requests)
+    assert fused.index_maps == reference.index_maps
+    assert fused.dropped == reference.dropped
+    assert fused.custom_data_skipped == reference.custom_data_skipped

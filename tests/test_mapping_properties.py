@@ -16,12 +16,17 @@ import re
 from datetime import timedelta
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mapping_helpers import DROP_REASONS, NOW, NOW_MS, assert_consistent
+from mapping_helpers import (
+    DROP_REASONS,
+    NOW,
+    NOW_MS,
+    assert_consistent,
+    assert_fused_lane_equals_reference,
+)
 
-from app.amazon.mapping import MapResult, map_events
+from app.amazon.mapping import MapResult
 from app.amazon.settings import OutputSettings
 from app.errors import PayloadError
 from app.pipeline import map_mparticle, map_parsed, map_payload, output_settings
@@ -717,20 +722,7 @@ def test_the_fused_mparticle_lane_equals_the_adapter_and_mapper(
     """Ingest maps mParticle batches in one fused pass (pipeline.map_mparticle); the
     adapter + mapper are the reference, so both must give the same answer, byte for
     byte, including the index maps and the count of skipped customData entries."""
-    try:
-        parsed = MPARTICLE.parse(batch)
-    except PayloadError:
-        with pytest.raises(PayloadError):
-            map_mparticle(batch, settings=output, now=NOW)
-        return
-    reference = map_events(
-        parsed.events, source="mparticle", settings=output, now=NOW, rejects=parsed.rejects
-    )
-    fused = map_mparticle(batch, settings=output, now=NOW)
-    assert json.dumps(fused.requests) == json.dumps(reference.requests)
-    assert fused.index_maps == reference.index_maps
-    assert fused.dropped == reference.dropped
-    assert fused.custom_data_skipped == reference.custom_data_skipped
+    assert_fused_lane_equals_reference(map_mparticle, MPARTICLE, batch, output)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -13,10 +13,9 @@ import json
 from datetime import timedelta
 from typing import Any
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from mapping_helpers import NOW, NOW_MS
+from mapping_helpers import NOW, NOW_MS, assert_fused_lane_equals_reference
 from test_mapping_properties import (
     EMAILS,
     IPS,
@@ -28,28 +27,13 @@ from test_mapping_properties import (
     settings_strategy,
 )
 
-from app.amazon.mapping import map_events
 from app.amazon.settings import OutputSettings
-from app.errors import PayloadError
 from app.pipeline import map_parsed, map_records
 from app.sources.records import ADAPTER, decode_records
 
 
 def assert_lane_equals_reference(payload: Any, output: OutputSettings) -> None:
-    try:
-        parsed = ADAPTER.parse(payload)
-    except PayloadError:
-        with pytest.raises(PayloadError):
-            map_records(payload, settings=output, now=NOW)
-        return
-    reference = map_events(
-        parsed.events, source="records", settings=output, now=NOW, rejects=parsed.rejects
-    )
-    fused = map_records(payload, settings=output, now=NOW)
-    assert json.dumps(fused.requests) == json.dumps(reference.requests)
-    assert fused.index_maps == reference.index_maps
-    assert fused.dropped == reference.dropped
-    assert fused.custom_data_skipped == reference.custom_data_skipped
+    assert_fused_lane_equals_reference(map_records, ADAPTER, payload, output)
 
 
 def as_text(value: Any) -> str | None:
