@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
-import orjson
+
+from app import jsonutil
 
 
 class TransportError(Exception):
@@ -29,12 +30,7 @@ class HttpAnswer:
 
     def json(self) -> Any:
         """The body as JSON, or None when it is empty or not JSON."""
-        if not self.body:
-            return None
-        try:
-            return orjson.loads(self.body)
-        except orjson.JSONDecodeError:
-            return None
+        return jsonutil.loads_or_none(self.body)
 
 
 class HttpClient(Protocol):

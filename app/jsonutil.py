@@ -128,6 +128,17 @@ def loads(data: bytes | str) -> Any:
             raise InvalidJSONError(str(fast_error)) from error
 
 
+def loads_or_none(data: bytes) -> Any:
+    """A peer's answer as JSON, or None when it is empty or not JSON (orjson: an answer
+    is read, not validated the way the relay's own inbound bodies are)."""
+    if not data:
+        return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
 def dumps(value: Any) -> bytes:
     return orjson.dumps(value)
 

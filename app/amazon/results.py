@@ -18,7 +18,8 @@ from enum import StrEnum
 from typing import Any
 
 import msgspec
-import orjson
+
+from app import jsonutil
 
 # Per-event codes worth sending again (alone); every other per-event error is final.
 RETRYABLE_EVENT_CODES = frozenset({"TOO_MANY_REQUESTS", "INTERNAL_ERROR"})
@@ -82,14 +83,8 @@ def _error_text(body: Any) -> str:
     return ""
 
 
-def parse_body(raw: bytes) -> Any:
-    """An answer's body as JSON, or None when it is empty or not JSON."""
-    if not raw:
-        return None
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
+# An answer's body as JSON, or None when it is empty or not JSON.
+parse_body = jsonutil.loads_or_none
 
 
 class _Accepted(msgspec.Struct):
