@@ -364,6 +364,18 @@ def tree_cpu(pid: int) -> float:
         return float("nan")
 
 
+def postgres_cpu() -> dict[int, float]:
+    """CPU seconds of each PostgreSQL server process on this machine, by pid. The only
+    database work during a phase is the relay's (the ceilings use none), so the growth
+    between two readings is the database's share of the relay's batches."""
+    found: dict[int, float] = {}
+    for proc in psutil.process_iter(["username", "cpu_times"]):
+        times = proc.info["cpu_times"]
+        if proc.info["username"] == "postgres" and times is not None:
+            found[proc.pid] = times.user + times.system
+    return found
+
+
 def percentile(values: list[float], share: float) -> float:
     if not values:
         return float("nan")
@@ -452,9 +464,16 @@ def measure(
     pids: dict[str, int],
 ) -> tuple[Phase, LoadResult]:
     before = {label: tree_cpu(pid) for label, pid in pids.items()}
+    database_before = postgres_cpu()
     result = run_load(spec)
     cpu = {label: tree_cpu(pid) - before[label] for label, pid in pids.items()}
     cpu["load generator"] = result.cpu_seconds
+    # Backends started during the phase count from zero; those that ended are not seen.
+    database = sum(
+        seconds - database_before.get(pid, 0.0) for pid, seconds in postgres_cpu().items()
+    )
+    if database > 0.01:
+        cpu["postgres"] = database
     phase = Phase(
         name=name,
         seconds=spec.seconds,

@@ -461,6 +461,47 @@ async def test_insert_and_list_deliveries(session: AsyncSession) -> None:
     assert await repo.insert_deliveries(session, []) == []
 
 
+async def test_large_bodies_are_stored_exactly_and_compressed_with_lz4(
+    session: AsyncSession, backend: str
+) -> None:
+    """An Events API request of 100 events (tens of KB) comes back byte for byte; on
+    PostgreSQL it is compressed out of line with lz4 (migration 0004), not pglz."""
+    output = await _output(session)
+    events = b",".join(
+        b'{"eventId":"e%d","matchKeys":[{"type":"EMAIL","values":["%064x"]}]}' % (i, i * 7919)
+        for i in range(100)
+    )
+    body = b'{"eventData":[' + events + b"]}"
+    assert len(body) > 10_000
+    [delivery_id] = await repo.insert_deliveries(
+        session,
+        [repo.NewDelivery(output_id=output.id, source="mparticle", body=body, index_map=[0])],
+        now=T0,
+    )
+    await session.commit()
+    session.expunge_all()
+    stored = await repo.get_delivery(session, delivery_id)
+    assert stored is not None and stored.body == body
+    if backend == "postgresql":
+        method = await session.scalar(
+            text("SELECT pg_column_compression(body) FROM deliveries WHERE id = :id"),
+            {"id": delivery_id},
+        )
+        assert method == "lz4"
+        declared = await session.execute(
+            text(
+                "SELECT attname, attcompression::text FROM pg_attribute "
+                "WHERE attrelid = 'deliveries'::regclass AND attname IN "
+                "('body', 'results', 'dropped')"
+            )
+        )
+        assert {name: method for name, method in declared} == {
+            "body": "l",
+            "results": "l",
+            "dropped": "l",
+        }
+
+
 async def test_claim_due_picks_due_deliveries_of_live_outputs(session: AsyncSession) -> None:
     live = await _output(session)
     reauth = await _output(session, status=OutputStatus.NEEDS_REAUTH)
