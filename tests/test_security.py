@@ -8,11 +8,13 @@ decrypting the relay's rows with the test's key ring, and checked against the em
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from e2e_helpers import (
     wait_for,
 )
 
-from app.auth import FailedAuthLimiter
+from app.auth import ConnectionAuthCache, Credentials, FailedAuthLimiter
 from app.crypto import DecryptError, KeyRing, new_key_entry
 
 RAW_EMAIL = " Private.Person@Example.COM "
@@ -350,6 +352,35 @@ def test_the_limiter_counts_per_identity_and_caps_an_address() -> None:
     assert short.blocked("10.0.0.1", "admin")
     time.sleep(0.06)
     assert not short.blocked("10.0.0.1", "admin")  # the window passed
+
+
+async def test_requests_in_flight_share_one_secret_check() -> None:
+    """When the cache's minute is up under load, the requests in flight wait for one
+    scrypt check instead of each paying for their own; a wrong secret is checked on its
+    own, is not remembered, and never rides on the right secret's check."""
+    calls: list[str] = []
+    gate = threading.Event()
+
+    def verify(secret: str, secret_hash: str) -> bool:
+        calls.append(secret)
+        gate.wait(5)  # all callers arrive while the first check runs
+        return secret == "right"
+
+    cache = ConnectionAuthCache()
+    right, wrong = Credentials("con_a", "right"), Credentials("con_a", "wrong")
+    checks = [asyncio.create_task(cache.check(right, "hash-1", verify)) for _ in range(16)]
+    checks += [asyncio.create_task(cache.check(wrong, "hash-1", verify)) for _ in range(4)]
+    await asyncio.sleep(0.05)
+    gate.set()
+    outcomes = await asyncio.gather(*checks)
+    assert outcomes == [True] * 16 + [False] * 4
+    assert sorted(calls) == ["right", "wrong"]
+    assert cache.verified(right, "hash-1")
+    assert not cache.verified(wrong, "hash-1")
+    # A rotated secret's hash is another check, and a failure is tried afresh next time.
+    assert not await cache.check(right, "hash-2", lambda s, h: False)
+    assert not await cache.check(wrong, "hash-1", verify)
+    assert sorted(calls) == ["right", "wrong", "wrong"]
 
 
 def test_unknown_key_and_wrong_secret_cost_the_same(database_url: str, tmp_path: Path) -> None:

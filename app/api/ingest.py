@@ -29,6 +29,7 @@ from app.api.deps import (
 )
 from app.api.schemas import BulkSummary, IngestSummary, Problem, SegmentSummary
 from app.auth import Credentials, from_write_key, parse_basic
+from app.crypto import verify_secret
 from app.db import repository as repo
 from app.db.base import utcnow
 from app.db.models import Connection, Delivery, DeliveryStatus, Output
@@ -113,13 +114,18 @@ async def _connection(
         if connection is None or not rt.auth_cache.verified(credentials, connection.secret_hash):
             if rt.limiter.blocked(client, identity):
                 raise too_many
-            connection = await repo.authenticate_connection(
-                session, credentials.key, credentials.secret
-            )
+            if connection is None:
+                # Unknown key: it costs the same hash as a wrong secret (no timing hint).
+                connection = await repo.authenticate_connection(
+                    session, credentials.key, credentials.secret
+                )
+                if connection is not None:  # created since the read above
+                    rt.auth_cache.remember(credentials, connection.secret_hash)
+            elif not await rt.auth_cache.check(credentials, connection.secret_hash, verify_secret):
+                connection = None
             if connection is None:
                 rt.limiter.failed(client, identity)
                 raise unauthorized
-            rt.auth_cache.remember(credentials, connection.secret_hash)
         if not connection.active:
             raise ApiError(403, "connection_inactive", "this connection is not active")
         if connection.source != source:
