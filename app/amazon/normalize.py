@@ -27,7 +27,13 @@ _NOT_AZ09 = re.compile(r"[^a-z0-9]")
 # is "1" + the digits (checked against the library on random numbers of this shape).
 _NANP_E164 = re.compile(r"\+1[ ().-]*([2-9][0-9]{2})[ ().-]*([0-9]{3})[ ().-]*([0-9]{4})")
 _ZERO_MAID = "00000000-0000-0000-0000-000000000000"
-_CACHE = 65536
+# Per-identity caches (email, phone, extended keys) hold about 270 bytes an entry. A hit
+# across batches saves a hash of a few microseconds (a batch's own repeats are already
+# handled once per user by the mapper), or a phone parse of ~20 µs for numbers outside
+# North America. At 65,536 entries the email cache alone grew a worker by ~18 MB over the
+# first 20 minutes of a soak with a new shopper per batch (docs/reliability.md, fifth
+# soak); 4,096 bounds each at ~1.1 MB, full within the first minute under that load.
+_CACHE = 4096
 
 
 def sha256_hex(text: str) -> str:
