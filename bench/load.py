@@ -11,8 +11,8 @@ p50/p95/p99 ingest latency, the delivery lag (queued → delivered: the delivery
 ``queued_at`` → its ``updated_at``, written right after Amazon's 207), the CPU (% of one
 core) and RSS of every relay worker and of the emulator, and the queue depth at the end
 of the step. The relay is saturated at the first step where it sustains less than 90 %
-of the offered rate, its p99 ingest latency passes 2 s, or the queue it leaves behind
-takes more than ``--drain-timeout`` s to empty.
+of the offered rate, its p99 ingest latency or its p99 delivery lag passes 2 s, or the
+queue it leaves behind takes more than ``--drain-timeout`` s to empty.
 
     .venv/bin/python bench/load.py [--workers 2] [--rates 5,10,20,40,80] [--step-seconds 20]
     .venv/bin/python bench/load.py --soak-minutes 30 --soak-rate 14 [--workers 2]
@@ -291,6 +291,11 @@ async def step(
         reasons.append(f"p99 ingest latency {p99:.2f} s")
     if drained is None:
         reasons.append(f"queue of {depth} not drained within {drain_timeout:g} s")
+    # Accepting is not sustaining: a relay that answers 202 at this rate but delivers
+    # seconds behind is building a backlog that a longer run would not survive.
+    lag_p99 = percentile(lags, 0.99)
+    if lag_p99 > SATURATED_P99_SECONDS:
+        reasons.append(f"p99 delivery lag {lag_p99:.2f} s")
     return {
         "offered_batches_per_second": rate,
         "batches_per_second": round(batches_per_second, 1),
