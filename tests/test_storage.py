@@ -481,7 +481,8 @@ async def test_large_bodies_are_stored_exactly_and_compressed_with_lz4(
     await session.commit()
     session.expunge_all()
     stored = await repo.get_delivery(session, delivery_id)
-    assert stored is not None and stored.body == body
+    assert stored is not None
+    assert stored.body == body
     if backend == "postgresql":
         method = await session.scalar(
             text("SELECT pg_column_compression(body) FROM deliveries WHERE id = :id"),
@@ -495,7 +496,7 @@ async def test_large_bodies_are_stored_exactly_and_compressed_with_lz4(
                 "('body', 'results', 'dropped')"
             )
         )
-        assert {name: method for name, method in declared} == {
+        assert dict(declared.all()) == {
             "body": "l",
             "results": "l",
             "dropped": "l",
