@@ -594,14 +594,20 @@ def test_cli_upload_needs_an_output_or_a_url(
     assert "--output-id is required" in capsys.readouterr().err
 
 
+INTERRUPTED_ROWS = 20_000
+
+
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_interrupted_command_resumes(
     database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SIGINT in the middle: exit 130, a resumable checkpoint; the re-run finishes."""
+    """SIGINT in the middle: exit 130, a resumable checkpoint; the re-run finishes.
+
+    The file is large enough that the upload is still running when the signal lands
+    (4,000 rows were sometimes all sent between the first checkpoint and the signal)."""
     output_id = asyncio.run(new_output(database_url))
     file = tmp_path / "crm.csv"
-    file.write_text(csv_text(4_000, with_ids=True))
+    file.write_text(csv_text(INTERRUPTED_ROWS, with_ids=True))
     env = {
         **os.environ,
         "RELAY_DATABASE_URL": database_url,
@@ -626,16 +632,16 @@ def test_interrupted_command_resumes(
     assert b"run the same command again to resume" in out
     point = upload.load_checkpoint(checkpoint)
     assert point is not None
-    assert 0 < point.rows_done < 4_000
+    assert 0 < point.rows_done < INTERRUPTED_ROWS
     assert not point.complete
     finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, timeout=60)
     assert finished.returncode == 0, finished
     assert b"resumed: the first" in finished.stdout
     events = asyncio.run(queued_events(database_url))
     ids = Counter(e["eventId"] for e in events)
-    assert set(ids) == {f"ev-{i}" for i in range(1, 4_001)}
+    assert set(ids) == {f"ev-{i}" for i in range(1, INTERRUPTED_ROWS + 1)}
     # At most the batches in flight are queued twice, with the same eventIds.
-    assert len(events) <= 4_000 + 20 * upload.DEFAULT_CONCURRENCY
+    assert len(events) <= INTERRUPTED_ROWS + 20 * upload.DEFAULT_CONCURRENCY
 
 
 # --- HTTP mode ----------------------------------------------------------------------
