@@ -594,7 +594,7 @@ def test_cli_upload_needs_an_output_or_a_url(
     assert "--output-id is required" in capsys.readouterr().err
 
 
-INTERRUPTED_ROWS = 20_000
+INTERRUPTED_ROWS = 4_000
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
@@ -603,8 +603,9 @@ def test_interrupted_command_resumes(
 ) -> None:
     """SIGINT in the middle: exit 130, a resumable checkpoint; the re-run finishes.
 
-    The file is large enough that the upload is still running when the signal lands
-    (4,000 rows were sometimes all sent between the first checkpoint and the signal)."""
+    The child starts with SIGINT at its default, as from a terminal: a process inherits
+    an ignored SIGINT (an earlier test in the same run may leave pytest ignoring it),
+    and Python then keeps ignoring it, so the upload ran to the end and exited 0."""
     output_id = asyncio.run(new_output(database_url))
     file = tmp_path / "crm.csv"
     file.write_text(csv_text(INTERRUPTED_ROWS, with_ids=True))
@@ -621,6 +622,7 @@ def test_interrupted_command_resumes(
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     checkpoint = upload.checkpoint_path(file)
     deadline = time.monotonic() + 30
