@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.amazon.settings import OutputSettings
 from app.db import repository as repo
+from app.db.hot import BatchWriter, SessionWriter
 from app.db.models import Connection, Output
 from app.pipeline import PreparedBatch, prepare_batch
 
@@ -66,12 +67,17 @@ async def accept_batch(
     settings = settings_for(output, connection.id)
     prepared = prepare_batch(payload, connection.source, settings=settings, now=now)
     return await store_batch(
-        session, prepared, output=output, connection=connection, now=now, handoff=handoff
+        SessionWriter(session),
+        prepared,
+        output=output,
+        connection=connection,
+        now=now,
+        handoff=handoff,
     )
 
 
 async def store_batch(
-    session: AsyncSession,
+    writer: BatchWriter,
     prepared: PreparedBatch,
     *,
     output: Output,
@@ -79,7 +85,11 @@ async def store_batch(
     now: datetime,
     handoff: Handoff | None = None,
 ) -> BatchSummary:
-    """Queue a batch mapped by ``prepare_batch`` (``accept_batch``'s second half)."""
+    """Queue a batch mapped by ``prepare_batch`` (``accept_batch``'s second half).
+
+    ``writer`` is a ``SessionWriter`` inside the caller's transaction, or, for a batch
+    that is one statement, the runtime's ``HotStatements``.
+    """
     source = connection.source
     dropped = prepared.dropped
     items = [
@@ -98,7 +108,9 @@ async def store_batch(
         )
     ]
     lease = handoff.lease(len(items), now) if handoff is not None and items else None
-    rows = await repo.insert_delivery_rows(session, items, now=now, lease=lease)
+    rows = repo.delivery_rows(items, now=now, lease=lease)
+    if rows:
+        await writer.insert_deliveries(rows)
     if handoff is not None and lease is not None:
         handoff.add(rows[: lease.count])
     ids = [row["id"] for row in rows]
@@ -106,13 +118,14 @@ async def store_batch(
         # No request, so no first request to keep the drops: the batch's only trace.
         # Only here, so a batch with deliveries costs no extra statement while it holds
         # SQLite's write lock (docs/decisions/0011-drop-records.md).
-        await repo.record_dropped_batch(
-            session,
-            output_id=output.id,
-            connection_id=connection.id,
-            source=source,
-            dropped=dropped,
-            now=now,
+        await writer.record_dropped_batch(
+            repo.dropped_batch_row(
+                output_id=output.id,
+                connection_id=connection.id,
+                source=source,
+                dropped=dropped,
+                now=now,
+            )
         )
     return BatchSummary(
         received=prepared.forwarded + len(dropped),

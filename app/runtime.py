@@ -14,6 +14,7 @@ from app.amazon.endpoints import Endpoints
 from app.auth import ConnectionAuthCache, FailedAuthLimiter
 from app.config import Settings
 from app.crypto import KeyRing, keyring_from_settings
+from app.db.hot import HotStatements, hot_statements
 from app.db.session import create_autocommit_sessionmaker, create_engine, create_sessionmaker
 from app.delivery.dispatcher import Dispatcher, DispatcherConfig
 from app.delivery.policy import FIRST_DELAY
@@ -38,8 +39,10 @@ class Runtime:
     settings: Settings
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
-    # One statement, committed on its own: the ingest's credential read, outcomes.
+    # One statement, committed on its own: reads outside a transaction.
     autocommit: async_sessionmaker[AsyncSession]
+    # The statements every batch runs: credential read, insert, outcome (app/db/hot.py).
+    hot: HotStatements
     http: HttpClient
     keyring: KeyRing
     endpoints: Endpoints
@@ -66,6 +69,7 @@ class Runtime:
         )
         sessionmaker = create_sessionmaker(engine)
         autocommit = create_autocommit_sessionmaker(engine)
+        hot = hot_statements(engine, autocommit)
         http = http_client(concurrency, timeouts=http_timeouts)
         keyring = keyring_from_settings(settings)
         endpoints = Endpoints(
@@ -95,12 +99,14 @@ class Runtime:
                 first_retry_seconds=first_retry_seconds,
             ),
             autocommit=autocommit,
+            statements=hot,
         )
         return cls(
             settings=settings,
             engine=engine,
             sessionmaker=sessionmaker,
             autocommit=autocommit,
+            hot=hot,
             http=http,
             keyring=keyring,
             endpoints=endpoints,

@@ -651,6 +651,7 @@ class DatabaseSink:
     async def send(self, records: list[Any]) -> BatchOutcome:
         from app.db import repository as repo
         from app.db.base import utcnow
+        from app.db.hot import SessionWriter
         from app.ingest import settings_for, store_batch
         from app.pipeline import prepare_batch
 
@@ -683,7 +684,7 @@ class DatabaseSink:
             if prepared is None or current != settings:
                 prepared = prepare_batch(records, connection.source, settings=current, now=now)
             summary = await store_batch(
-                session, prepared, output=output, connection=connection, now=now
+                SessionWriter(session), prepared, output=output, connection=connection, now=now
             )
         return BatchOutcome(summary.accepted, summary.dropped, len(summary.deliveries))
 

@@ -4,6 +4,7 @@ no transaction open, and a single ingested batch is exactly one statement."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,6 +14,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.db import repository as repo
+from app.db.hot import BatchWriter, SessionStatements, hot_statements
 from app.db.models import DeliveryStatus
 from app.db.session import create_autocommit_sessionmaker
 from app.ingest import settings_for, store_batch
@@ -107,7 +109,9 @@ async def test_the_ingest_stores_a_single_batch_with_one_statement(
 ) -> None:
     """The ingest writes a one-request (or all-dropped) batch outside a transaction
     (app/api/ingest._accept), which is only all-or-nothing because ``store_batch`` makes
-    exactly one statement of it: this holds it to that."""
+    exactly one statement of it: this holds it to that, through the backend's own hot
+    statements (asyncpg directly on PostgreSQL) and through the session statements
+    (whose SQL is counted)."""
     async with sessionmaker() as session, session.begin():
         output = await repo.create_output(session, name="Shop", advertiser_id="123456", now=T0)
         created = await repo.create_connection(
@@ -118,20 +122,52 @@ async def test_the_ingest_stores_a_single_batch_with_one_statement(
         payload, "mparticle", settings=settings_for(output, created.connection.id), now=now
     )
     assert len(prepared.bodies) == requests
+    autocommit = create_autocommit_sessionmaker(engine)
+
+    class Counting:
+        """A BatchWriter that counts its calls (each is one statement by contract)."""
+
+        def __init__(self, inner: BatchWriter) -> None:
+            self.inner = inner
+            self.calls: list[str] = []
+
+        async def insert_deliveries(self, rows: Sequence[Mapping[str, Any]]) -> None:
+            self.calls.append("insert_deliveries")
+            await self.inner.insert_deliveries(rows)
+
+        async def record_dropped_batch(self, row: Mapping[str, Any]) -> None:
+            self.calls.append("record_dropped_batch")
+            await self.inner.record_dropped_batch(row)
+
+    writer = Counting(hot_statements(engine, autocommit))
+    summary = await store_batch(
+        writer, prepared, output=output, connection=created.connection, now=now
+    )
+    assert writer.calls == (["insert_deliveries"] if requests else ["record_dropped_batch"])
+    assert len(summary.deliveries) == requests
+    async with sessionmaker() as session:
+        stored = await repo.get_deliveries(session, summary.deliveries)
+        dropped = await repo.recent_dropped_batches(session, output.id)
+    assert [d.id for d in stored] == summary.deliveries
+    assert len(dropped) == (0 if requests else 1)
+
+    # The session statements (SQLite's hot statements): exactly one SQL statement.
     statements: list[str] = []
 
     def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         statements.append(statement)
 
-    autocommit = create_autocommit_sessionmaker(engine)
     event.listen(engine.sync_engine, "before_cursor_execute", count)
     try:
-        async with autocommit() as session, session.begin():
-            summary = await store_batch(
-                session, prepared, output=output, connection=created.connection, now=now
-            )
+        again = await store_batch(
+            SessionStatements(autocommit),
+            prepared,
+            output=output,
+            connection=created.connection,
+            now=now,
+        )
     finally:
         event.remove(engine.sync_engine, "before_cursor_execute", count)
     assert len(statements) == 1, statements
     assert statements[0].lstrip().upper().startswith("INSERT")
-    assert len(summary.deliveries) == requests
+    assert len(again.deliveries) == requests

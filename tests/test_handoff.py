@@ -21,6 +21,7 @@ from e2e_helpers import (
     sdk_batch,
 )
 
+from app.db import hot
 from app.db import repository as repo
 from app.delivery import dispatcher as dispatcher_module
 from app.runtime import DISPATCH_CONCURRENCY
@@ -89,14 +90,16 @@ def test_an_outcome_write_that_fails_once_is_written_again_not_resent(
     restart, say): the dispatcher writes it again rather than leave the delivery to its
     lease, which would send it to Amazon a second time."""
     failures = [OSError("connection reset while writing the outcome")]
-    real_complete = repo.complete
+    # The outcome is written by the backend's hot statements (app/db/hot.py).
+    for statements in (hot.DriverStatements, hot.SessionStatements):
+        real_update = statements.update_held
 
-    async def complete_failing_once(*args: Any, **kwargs: Any) -> Any:
-        if failures:
-            raise failures.pop()
-        return await real_complete(*args, **kwargs)
+        async def update_failing_once(*args: Any, _real: Any = real_update) -> Any:
+            if failures:
+                raise failures.pop()
+            return await _real(*args)
 
-    monkeypatch.setattr(repo, "complete", complete_failing_once)
+        monkeypatch.setattr(statements, "update_held", update_failing_once)
     with relay_stack(database_url, tmp_path) as stack:
         _, conn = stack.ready_output()
         batch = sdk_batch([1, 2, 3])

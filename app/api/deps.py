@@ -52,14 +52,6 @@ async def transaction(rt: Runtime) -> AsyncIterator[AsyncSession]:
 
 
 @asynccontextmanager
-async def one_statement(rt: Runtime) -> AsyncIterator[AsyncSession]:
-    """For work that is exactly one statement: it commits on its own (no BEGIN/COMMIT).
-    Only where one statement is the whole of it; anything more needs ``transaction``."""
-    async with rt.autocommit() as session, session.begin():
-        yield session
-
-
-@asynccontextmanager
 async def reading(rt: Runtime) -> AsyncIterator[AsyncSession]:
     """Reads outside a transaction: each statement sees the latest committed data."""
     async with rt.autocommit() as session:

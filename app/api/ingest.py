@@ -21,7 +21,6 @@ from app import jsonutil, metrics
 from app.api.deps import (
     ApiError,
     RuntimeDep,
-    one_statement,
     read_body,
     reading,
     strict_json,
@@ -32,6 +31,7 @@ from app.auth import Credentials, from_write_key, parse_basic
 from app.crypto import verify_secret
 from app.db import repository as repo
 from app.db.base import utcnow
+from app.db.hot import SessionWriter
 from app.db.models import Connection, Delivery, DeliveryStatus, Output
 from app.errors import PayloadError
 from app.ingest import BatchSummary, settings_for, store_batch
@@ -102,46 +102,45 @@ async def _connection(
             raise too_many
         rt.limiter.failed(client, identity)
         raise unauthorized
-    # Outside a transaction: one statement when the credentials are in the cache, and
-    # none is open while an unknown secret is hashed.
-    async with reading(rt) as session:
-        found = await repo.get_connection_with_output(session, credentials.key)
-        connection = found[0] if found is not None else None
-        # Credentials proven within the cache's minute pass even while this address or
-        # key is refused: checking them costs no scrypt, and the cache is keyed by key
-        # and secret, so only a caller who holds the secret gets past. Everything else
-        # waits out the block without its secret being checked at all.
-        if connection is None or not rt.auth_cache.verified(credentials, connection.secret_hash):
-            if rt.limiter.blocked(client, identity):
-                raise too_many
-            if connection is None:
-                # Unknown key: it costs the same hash as a wrong secret (no timing hint).
+    # One statement when the credentials are in the cache (the runtime's hot statements:
+    # asyncpg directly on PostgreSQL), and no transaction open while a secret is hashed.
+    found = await rt.hot.connection_with_output(credentials.key)
+    connection = found[0] if found is not None else None
+    # Credentials proven within the cache's minute pass even while this address or key
+    # is refused: checking them costs no scrypt, and the cache is keyed by key and
+    # secret, so only a caller who holds the secret gets past. Everything else waits out
+    # the block without its secret being checked at all.
+    if connection is None or not rt.auth_cache.verified(credentials, connection.secret_hash):
+        if rt.limiter.blocked(client, identity):
+            raise too_many
+        if connection is None:
+            # Unknown key: it costs the same hash as a wrong secret (no timing hint).
+            async with reading(rt) as session:
                 connection = await repo.authenticate_connection(
                     session, credentials.key, credentials.secret
                 )
-                if connection is not None:  # created since the read above
-                    rt.auth_cache.remember(credentials, connection.secret_hash)
-            elif not await rt.auth_cache.check(credentials, connection.secret_hash, verify_secret):
-                connection = None
-            if connection is None:
-                rt.limiter.failed(client, identity)
-                raise unauthorized
-        if not connection.active:
-            raise ApiError(403, "connection_inactive", "this connection is not active")
-        if connection.source != source:
-            raise ApiError(
-                403, "wrong_source", f"this connection takes {connection.source} data, not {source}"
-            )
-        # The output came with the connection, unless the key was only found by the
-        # authentication just above (then it is the same connection, read again).
-        output = (
-            found[1]
-            if found is not None and found[0] is connection
-            else await repo.get_output(session, connection.output_id)
-        )
-        if output is None:  # pragma: no cover - deleting an output deletes its connections
+            if connection is not None:  # created since the read above
+                rt.auth_cache.remember(credentials, connection.secret_hash)
+        elif not await rt.auth_cache.check(credentials, connection.secret_hash, verify_secret):
+            connection = None
+        if connection is None:
+            rt.limiter.failed(client, identity)
             raise unauthorized
-        return connection, output
+    if not connection.active:
+        raise ApiError(403, "connection_inactive", "this connection is not active")
+    if connection.source != source:
+        raise ApiError(
+            403, "wrong_source", f"this connection takes {connection.source} data, not {source}"
+        )
+    # The output came with the connection, unless the key was only found by the
+    # authentication just above (then it is the same connection, read again).
+    if found is not None and found[0] is connection:
+        return connection, found[1]
+    async with reading(rt) as session:
+        output = await repo.get_output(session, connection.output_id)
+    if output is None:  # pragma: no cover - deleting an output deletes its connections
+        raise unauthorized
+    return connection, output
 
 
 def _count(source: str, summary: BatchSummary) -> None:
@@ -169,23 +168,36 @@ async def _accept(
     settings = settings_for(output, connection.id)
     prepared = [prepare_batch(p, connection.source, settings=settings, now=now) for p in payloads]
     # A batch of one request (the usual case), or whose events were all dropped, is
-    # stored by one INSERT: atomic by itself, it needs no BEGIN and COMMIT. Anything
-    # more shares one transaction, all or nothing.
+    # stored by one INSERT: atomic by itself, it needs no BEGIN and COMMIT (the
+    # runtime's hot statements). Anything more shares one transaction, all or nothing.
     single = len(prepared) == 1 and len(prepared[0].bodies) <= 1
     handoff = rt.dispatcher.handoff(output)
     try:
-        async with one_statement(rt) if single else transaction(rt) as session:
+        if single:
             summaries = [
                 await store_batch(
-                    session,
-                    batch,
+                    rt.hot,
+                    prepared[0],
                     output=output,
                     connection=connection,
                     now=now,
                     handoff=handoff,
                 )
-                for batch in prepared
             ]
+        else:
+            async with transaction(rt) as session:
+                writer = SessionWriter(session)
+                summaries = [
+                    await store_batch(
+                        writer,
+                        batch,
+                        output=output,
+                        connection=connection,
+                        now=now,
+                        handoff=handoff,
+                    )
+                    for batch in prepared
+                ]
     except BaseException:
         handoff.cancel()
         raise

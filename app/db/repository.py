@@ -524,7 +524,7 @@ async def delete_connection(session: AsyncSession, connection_id: str) -> bool:
 
 _FINAL: Final = (DeliveryStatus.DELIVERED, DeliveryStatus.PARTIAL, DeliveryStatus.FAILED)
 _QUEUED: Final = (DeliveryStatus.PENDING, DeliveryStatus.IN_FLIGHT)
-_DELIVERIES: Final = cast(Table, Delivery.__table__)
+DELIVERIES: Final = cast(Table, Delivery.__table__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -581,9 +581,21 @@ async def insert_delivery_rows(
     lease: Lease | None = None,
 ) -> list[dict[str, Any]]:
     """insert_deliveries, returning the rows as written (column name → value)."""
+    rows = delivery_rows(items, now=now or utcnow(), batch_id=batch_id, lease=lease)
+    await insert_rows(session, rows)
+    return rows
+
+
+def delivery_rows(
+    items: Sequence[NewDelivery],
+    *,
+    now: datetime,
+    batch_id: str | None = None,
+    lease: Lease | None = None,
+) -> list[dict[str, Any]]:
+    """The deliveries table's rows for ``items`` (column name → value), one batch id."""
     if not items:
         return []
-    moment = now or utcnow()
     batch = batch_id or new_id("bat")
     rows: list[dict[str, Any]] = [
         {
@@ -597,16 +609,16 @@ async def insert_delivery_rows(
             "index_map": list(item.index_map),
             "event_count": len(item.index_map),
             "attempts": 0,
-            "next_attempt_at": moment,
-            "queued_at": moment,
+            "next_attempt_at": now,
+            "queued_at": now,
             "lease_expires_at": None,
             "leased_by": None,
             "last_status_code": None,
             "last_error": None,
             "results": None,
             "dropped": None if item.dropped is None else [dict(d) for d in item.dropped],
-            "created_at": moment,
-            "updated_at": moment,
+            "created_at": now,
+            "updated_at": now,
         }
         for item in items
     ]
@@ -616,9 +628,14 @@ async def insert_delivery_rows(
             row["leased_by"] = lease.worker_id
             row["lease_expires_at"] = lease.expires_at
             row["attempts"] = 1
-    # Core on the table, not the ORM's bulk insert: same statement, less Python per row.
-    await session.execute(insert(_DELIVERIES), rows)
     return rows
+
+
+async def insert_rows(session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Rows made by ``delivery_rows``, in one INSERT."""
+    if rows:
+        # Core on the table, not the ORM's bulk insert: same statement, less Python per row.
+        await session.execute(insert(DELIVERIES), list(rows))
 
 
 def _claimable(now: datetime) -> Select[str]:
@@ -710,17 +727,20 @@ def _held_by(delivery_id: str, worker_id: str) -> Any:
 # The outcome UPDATE of a held delivery, built once: each outcome only binds its values
 # (the SET clause follows the parameters' names), so no statement is built, coerced and
 # cache-keyed per delivery (~0.25 ms each, with 100 per-event results as a literal).
-_HELD_UPDATE: Final = update(_DELIVERIES).where(
-    _DELIVERIES.c.id == bindparam("held_id"),
-    _DELIVERIES.c.status == bindparam("held_status"),
-    _DELIVERIES.c.leased_by == bindparam("held_by"),
+_HELD_UPDATE: Final = update(DELIVERIES).where(
+    DELIVERIES.c.id == bindparam("held_id"),
+    DELIVERIES.c.status == bindparam("held_status"),
+    DELIVERIES.c.leased_by == bindparam("held_by"),
 )
 
 
-async def _update_held(
+async def update_held(
     session: AsyncSession, delivery_id: str, worker_id: str, values: Mapping[str, Any]
 ) -> bool:
-    """_update(session, _held_by(delivery_id, worker_id), values), with _HELD_UPDATE."""
+    """Write ``values`` to a delivery ``worker_id`` still holds; False if it no longer does.
+
+    _update(session, _held_by(delivery_id, worker_id), values), with _HELD_UPDATE.
+    """
     parameters = {
         **values,
         "held_id": delivery_id,
@@ -734,7 +754,7 @@ async def _update_held(
 async def _update(session: AsyncSession, where: Any, values: Mapping[str, Any]) -> bool:
     # A Core UPDATE of the table: the ORM's "fetch" synchronisation read the row back
     # for an identity map that these short sessions never use.
-    result = await session.execute(update(_DELIVERIES).where(where).values(dict(values)))
+    result = await session.execute(update(DELIVERIES).where(where).values(dict(values)))
     return _rowcount(result) == 1
 
 
@@ -772,10 +792,24 @@ async def complete(
     False if ``worker_id`` no longer holds the lease (it expired and another process
     claimed the delivery): that process's outcome wins.
     """
+    values = completion(
+        now=now, status=status, status_code=status_code, results=results, error=error
+    )
+    return await update_held(session, delivery_id, worker_id, values)
+
+
+def completion(
+    *,
+    now: datetime,
+    status: DeliveryStatus,
+    status_code: int | None = None,
+    results: Sequence[Any] | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """What ``complete`` writes to the held delivery (for ``update_held``)."""
     if status not in _FINAL:
         raise ValueError(f"complete() takes {', '.join(_FINAL)}, not {status}")
-    values = _outcome(now, status_code, error, results) | {"status": DeliveryStatus(status)}
-    return await _update_held(session, delivery_id, worker_id, values)
+    return _outcome(now, status_code, error, results) | {"status": DeliveryStatus(status)}
 
 
 async def reschedule(
@@ -804,7 +838,7 @@ async def reschedule(
         if index_map is None:
             raise ValueError("a new body needs its index_map")
         values |= {"body": body, "index_map": list(index_map), "event_count": len(index_map)}
-    return await _update_held(session, delivery_id, worker_id, values)
+    return await update_held(session, delivery_id, worker_id, values)
 
 
 async def mark_dead(
@@ -845,7 +879,7 @@ async def release(
     if delivery_ids is not None:
         where = and_(where, Delivery.id.in_(list(delivery_ids)))
     result = await session.execute(
-        update(_DELIVERIES)
+        update(DELIVERIES)
         .where(where)
         .values(
             status=DeliveryStatus.PENDING,
@@ -1022,21 +1056,43 @@ async def record_dropped_batch(
     A plain INSERT of a new row: concurrent ingests never wait on one another here, as
     they would on a shared counter row.
     """
+    row = dropped_batch_row(
+        output_id=output_id,
+        source=source,
+        dropped=dropped,
+        connection_id=connection_id,
+        batch_id=batch_id,
+        now=now or utcnow(),
+    )
+    await insert_dropped_batch_row(session, row)
+    return str(row["batch_id"])
+
+
+def dropped_batch_row(
+    *,
+    output_id: str,
+    source: Source | str,
+    dropped: Sequence[Mapping[str, Any]],
+    now: datetime,
+    connection_id: str | None = None,
+    batch_id: str | None = None,
+) -> dict[str, Any]:
+    """The dropped_batches row of a batch that queued no delivery."""
     if not dropped:
         raise ValueError("a dropped batch has at least one dropped event")
-    batch = batch_id or new_id("bat")
-    await session.execute(
-        insert(DroppedBatch).values(
-            batch_id=batch,
-            output_id=output_id,
-            connection_id=connection_id,
-            source=Source(source).value,
-            dropped_count=len(dropped),
-            dropped=[dict(d) for d in dropped],
-            created_at=now or utcnow(),
-        )
-    )
-    return batch
+    return {
+        "batch_id": batch_id or new_id("bat"),
+        "output_id": output_id,
+        "connection_id": connection_id,
+        "source": Source(source).value,
+        "dropped_count": len(dropped),
+        "dropped": [dict(d) for d in dropped],
+        "created_at": now,
+    }
+
+
+async def insert_dropped_batch_row(session: AsyncSession, row: Mapping[str, Any]) -> None:
+    await session.execute(insert(DroppedBatch).values(dict(row)))
 
 
 async def recent_dropped_batches(

@@ -29,7 +29,7 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
-def _dumps_json(value: Any) -> str:
+def dumps_json(value: Any) -> str:
     """JSON columns (index maps, per-event results, drops) through orjson: the per-event
     results of every delivery are written once, and the standard library's encoder was a
     visible part of that. orjson refuses what json writes differently or not at all
@@ -58,7 +58,7 @@ def create_engine(
     """
     url = normalize_database_url(url)
     # Reading stays with json: orjson reads an integer beyond 64 bits as a float.
-    codec: dict[str, Any] = {"json_serializer": _dumps_json}
+    codec: dict[str, Any] = {"json_serializer": dumps_json}
     if is_sqlite(url):
         _make_parent_directory(url)
         engine = create_async_engine(url, echo=echo, **codec)

@@ -37,6 +37,7 @@ from app.amazon.results import Reading, Verdict, read_answer
 from app.crypto import SecretText
 from app.db import repository as repo
 from app.db.base import utcnow
+from app.db.hot import HotStatements, SessionStatements
 from app.db.models import Delivery, DeliveryStatus, Output, OutputStatus
 from app.delivery.policy import FIRST_DELAY, MAX_DELAY, backoff_seconds
 from app.http import HttpClient
@@ -83,10 +84,12 @@ class Dispatcher:
         rng: random.Random | None = None,
         worker_id: str | None = None,
         autocommit: async_sessionmaker[AsyncSession] | None = None,
+        statements: HotStatements | None = None,
     ) -> None:
         self._sessionmaker = sessionmaker
-        # For outcomes, which are one UPDATE each: no BEGIN and COMMIT round trips.
-        self._autocommit = autocommit or sessionmaker
+        # Outcomes are one UPDATE each: no BEGIN and COMMIT round trips, and on
+        # PostgreSQL straight through the driver (app/db/hot.py).
+        self._statements = statements or SessionStatements(autocommit or sessionmaker)
         self._http = http
         self._tokens = tokens
         self._endpoints = endpoints
@@ -379,17 +382,17 @@ class Dispatcher:
         results: list[dict[str, Any]],
         error: str | None,
     ) -> None:
-        async with self._autocommit() as session, session.begin():
-            held = await repo.complete(
-                session,
-                delivery.id,
-                worker_id=self.worker_id,
+        held = await self._statements.update_held(
+            delivery.id,
+            self.worker_id,
+            repo.completion(
                 now=self._clock(),
                 status=status,
                 status_code=status_code,
                 results=results,
                 error=error,
-            )
+            ),
+        )
         metrics.DELIVERIES.labels(outcome=status.value if held else "lost_lease").inc()
         log.info(
             "delivery_done",

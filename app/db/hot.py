@@ -1,0 +1,236 @@
+"""The statements every relayed batch runs, each one statement committed on its own.
+
+A batch costs the relay three statements: the ingest reads its connection and output,
+inserts its delivery, and the dispatcher writes Amazon's answer. Through an
+``AsyncSession`` each cost 0.7–0.9 ms of the relay's CPU; on PostgreSQL they go to
+asyncpg directly, on a connection of the engine's own pool, for 0.28–0.32 ms each
+(docs/decisions/0016-hot-statements-through-the-driver.md). Elsewhere (SQLite) they
+are the repository's functions, each in its own autocommit session. Both write the
+same rows; tests/test_hot_statements.py holds the driver's to the session's.
+
+Only single statements live here: each is atomic by itself, with no transaction.
+Work that must be all-or-nothing with other statements uses a session
+(``SessionWriter`` for a batch written inside a transaction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from enum import Enum
+from typing import Any, Final, Protocol, cast
+
+import asyncpg
+from sqlalchemy import JSON, Table
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.util import greenlet_spawn
+
+from app.db import repository as repo
+from app.db.models import Connection, DeliveryStatus, DroppedBatch, Output
+from app.db.session import dumps_json, is_sqlite
+
+
+class BatchWriter(Protocol):
+    """Where an accepted batch's rows go: one statement each."""
+
+    async def insert_deliveries(self, rows: Sequence[Mapping[str, Any]]) -> None: ...
+
+    async def record_dropped_batch(self, row: Mapping[str, Any]) -> None: ...
+
+
+class HotStatements(BatchWriter, Protocol):
+    """The per-batch statements, each committed on its own."""
+
+    async def connection_with_output(self, key: str) -> tuple[Connection, Output] | None: ...
+
+    async def update_held(
+        self, delivery_id: str, worker_id: str, values: Mapping[str, Any]
+    ) -> bool: ...
+
+
+def hot_statements(
+    engine: AsyncEngine, autocommit: async_sessionmaker[AsyncSession]
+) -> HotStatements:
+    """asyncpg's own calls on PostgreSQL; the repository in autocommit sessions elsewhere."""
+    if is_sqlite(engine.url.drivername):
+        return SessionStatements(autocommit)
+    return DriverStatements(engine)
+
+
+class SessionWriter:
+    """A batch's rows written on a session the caller holds (inside its transaction)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def insert_deliveries(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        await repo.insert_rows(self._session, rows)
+
+    async def record_dropped_batch(self, row: Mapping[str, Any]) -> None:
+        await repo.insert_dropped_batch_row(self._session, row)
+
+
+class SessionStatements:
+    """Each statement in its own autocommit session, through the repository (any backend)."""
+
+    def __init__(self, autocommit: async_sessionmaker[AsyncSession]) -> None:
+        self._autocommit = autocommit
+
+    async def connection_with_output(self, key: str) -> tuple[Connection, Output] | None:
+        async with self._autocommit() as session:
+            return await repo.get_connection_with_output(session, key)
+
+    async def insert_deliveries(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        async with self._autocommit() as session, session.begin():
+            await repo.insert_rows(session, rows)
+
+    async def record_dropped_batch(self, row: Mapping[str, Any]) -> None:
+        async with self._autocommit() as session, session.begin():
+            await repo.insert_dropped_batch_row(session, row)
+
+    async def update_held(
+        self, delivery_id: str, worker_id: str, values: Mapping[str, Any]
+    ) -> bool:
+        async with self._autocommit() as session, session.begin():
+            return await repo.update_held(session, delivery_id, worker_id, values)
+
+
+# --- PostgreSQL through asyncpg -----------------------------------------------------------
+
+_CONNECTIONS: Final = cast(Table, Connection.__table__)
+_OUTPUTS: Final = cast(Table, Output.__table__)
+_DROPPED: Final = cast(Table, DroppedBatch.__table__)
+# Attribute names in table order (they equal the column names; models.py).
+_CONNECTION_FIELDS: Final = tuple(column.key for column in _CONNECTIONS.columns)
+_OUTPUT_FIELDS: Final = tuple(column.key for column in _OUTPUTS.columns)
+# Built from the tables, so it cannot drift from them.
+_CONNECTION_WITH_OUTPUT: Final = (
+    "SELECT "  # noqa: S608 - every name comes from the table definitions
+    + ", ".join(
+        [f"c.{name}" for name in _CONNECTION_FIELDS] + [f"o.{name}" for name in _OUTPUT_FIELDS]
+    )
+    + " FROM connections AS c JOIN outputs AS o ON o.id = c.output_id WHERE c.key = $1"
+)
+_JSON_COLUMNS: Final = {
+    table.name: frozenset(c.name for c in table.columns if isinstance(c.type, JSON))
+    for table in (repo.DELIVERIES, _DROPPED)
+}
+
+
+def _insert_sql(table: Table, columns: Sequence[str], rows: int) -> str:
+    width = len(columns)
+    placeholders = (
+        ", ".join(f"${row * width + i + 1}" for i in range(width)) for row in range(rows)
+    )
+    values = ", ".join(f"({group})" for group in placeholders)
+    return f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {values}"  # noqa: S608
+
+
+def _update_held_sql(columns: Sequence[str]) -> str:
+    """repository._HELD_UPDATE: the values, guarded by the lease."""
+    sets = ", ".join(f"{name} = ${i + 1}" for i, name in enumerate(columns))
+    n = len(columns)
+    return (
+        f"UPDATE deliveries SET {sets} "  # noqa: S608 - names are the table's own columns
+        f"WHERE id = ${n + 1} AND status = ${n + 2} AND leased_by = ${n + 3}"
+    )
+
+
+def _parameter(json_columns: frozenset[str], name: str, value: Any) -> Any:
+    """A value as the pool's asyncpg connections take it: JSON as text (the dialect's
+    codec; serialised as the engine does), enum members as their value, and only aware
+    datetimes (as ``UTCDateTime`` insists)."""
+    if value is None:
+        return None
+    if name in json_columns:
+        return dumps_json(value)
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, datetime) and value.tzinfo is None:
+        raise ValueError("naive datetime: pass an aware (UTC) datetime")
+    return value
+
+
+class DriverStatements:
+    """The per-batch statements as asyncpg calls on the engine's pooled connections.
+
+    A connection is checked out of the engine's pool with the pool's liveness checks
+    (``session._check_before_use``) and given back after the one statement. Outside a
+    transaction block, PostgreSQL commits the statement by itself. A driver error
+    becomes a ``DBAPIError``, as SQLAlchemy raises it, so callers see one kind of storage
+    failure (the API answers 503, the dispatcher retries); a connection the error left
+    unusable is dropped from the pool.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._connect_errors = (
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            engine.dialect.loaded_dbapi.Error,
+        )
+        self._update_sql: dict[tuple[str, ...], str] = {}
+
+    @asynccontextmanager
+    async def _driver(self, statement: str) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            pooled = await self._engine.raw_connection()
+        except self._connect_errors as error:
+            raise DBAPIError(statement, None, error, connection_invalidated=True) from error
+        driver = cast(asyncpg.Connection, pooled.driver_connection)
+        try:
+            yield driver
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as error:
+            # An SQL error leaves the connection as it was; anything else may not have.
+            broken = not isinstance(error, asyncpg.PostgresError) or driver.is_closed()
+            if broken:
+                pooled.invalidate(error)
+            raise DBAPIError(statement, None, error, connection_invalidated=broken) from error
+        except BaseException:
+            pooled.invalidate()  # cut off mid-statement (cancelled): not fit to reuse
+            raise
+        finally:
+            await greenlet_spawn(pooled.close)
+
+    async def connection_with_output(self, key: str) -> tuple[Connection, Output] | None:
+        async with self._driver(_CONNECTION_WITH_OUTPUT) as driver:
+            record = await driver.fetchrow(_CONNECTION_WITH_OUTPUT, key)
+        if record is None:
+            return None
+        values = list(record.values())
+        split = len(_CONNECTION_FIELDS)
+        connection = Connection(**dict(zip(_CONNECTION_FIELDS, values[:split], strict=True)))
+        output = Output(**dict(zip(_OUTPUT_FIELDS, values[split:], strict=True)))
+        return connection, output
+
+    async def insert_deliveries(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        await self._insert(repo.DELIVERIES, rows)
+
+    async def record_dropped_batch(self, row: Mapping[str, Any]) -> None:
+        await self._insert(_DROPPED, [row])
+
+    async def _insert(self, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        columns = tuple(rows[0])
+        json_columns = _JSON_COLUMNS[table.name]
+        sql = _insert_sql(table, columns, len(rows))
+        arguments = [_parameter(json_columns, name, row[name]) for row in rows for name in columns]
+        async with self._driver(sql) as driver:
+            await driver.execute(sql, *arguments)
+
+    async def update_held(
+        self, delivery_id: str, worker_id: str, values: Mapping[str, Any]
+    ) -> bool:
+        columns = tuple(values)
+        sql = self._update_sql.get(columns) or self._update_sql.setdefault(
+            columns, _update_held_sql(columns)
+        )
+        json_columns = _JSON_COLUMNS["deliveries"]
+        arguments = [_parameter(json_columns, name, values[name]) for name in columns]
+        held = DeliveryStatus.IN_FLIGHT.value
+        async with self._driver(sql) as driver:
+            status = await driver.execute(sql, *arguments, delivery_id, held, worker_id)
+        return bool(status == "UPDATE 1")

@@ -1,0 +1,284 @@
+"""The per-batch statements (app/db/hot.py) do to the rows exactly what the repository's
+session functions do, on both backends: on PostgreSQL they are asyncpg calls written
+by hand, so every column they read or write is compared with the ORM's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import inspect, select, text
+from sqlalchemy.exc import DBAPIError, StatementError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.db import repository as repo
+from app.db.hot import (
+    DriverStatements,
+    HotStatements,
+    SessionStatements,
+    SessionWriter,
+    hot_statements,
+)
+from app.db.models import Connection, Delivery, DeliveryStatus, DroppedBatch, Output
+from app.db.session import create_autocommit_sessionmaker
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+# JSON the engine writes in two ways: orjson, and json for integers beyond 64 bits.
+AWKWARD_DROPS: list[dict[str, Any]] = [
+    {"index": 0, "reason": "missing_match_key", "detail": 'é ✓ \u2028 "quoted"'},
+    {"index": 1, "reason": "invalid_value", "detail": 2**70},
+]
+
+
+def _columns(row: Any) -> dict[str, Any]:
+    return {attr.key: getattr(row, attr.key) for attr in inspect(type(row)).column_attrs}
+
+
+@pytest.fixture
+def hot(engine: AsyncEngine) -> HotStatements:
+    return hot_statements(engine, create_autocommit_sessionmaker(engine))
+
+
+async def _output_and_connection(
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> tuple[Output, Connection]:
+    async with sessionmaker() as session, session.begin():
+        output = await repo.create_output(
+            session,
+            name="Shop ✓",
+            advertiser_id="123456",
+            now=T0,
+            conversion_rules=[{"event_name": "buy", "conversion": "PURCHASE", "n": 2**66}],
+            data_set_name="web",
+        )
+        created = await repo.create_connection(
+            session, output_id=output.id, source="mparticle", name="web"
+        )
+    return output, created.connection
+
+
+def test_postgresql_goes_through_the_driver(backend: str, hot: HotStatements) -> None:
+    expected = SessionStatements if backend == "sqlite" else DriverStatements
+    assert type(hot) is expected
+
+
+async def test_the_connection_and_output_read_as_the_orm_reads_them(
+    sessionmaker: async_sessionmaker[AsyncSession], hot: HotStatements
+) -> None:
+    _, connection = await _output_and_connection(sessionmaker)
+    async with sessionmaker() as session:
+        expected = await repo.get_connection_with_output(session, connection.key)
+    found = await hot.connection_with_output(connection.key)
+    assert expected is not None
+    assert found is not None
+    assert _columns(found[0]) == _columns(expected[0])
+    assert _columns(found[1]) == _columns(expected[1])
+    assert found[1].mapping_settings() == expected[1].mapping_settings()
+    assert found[1].updated_at.tzinfo is not None
+    assert await hot.connection_with_output("rk_nobody") is None
+
+
+def _items(output: Output, connection: Connection) -> list[repo.NewDelivery]:
+    return [
+        repo.NewDelivery(
+            output_id=output.id,
+            source="mparticle",
+            body=b'{"events":[{"eventId":"e\\u00e9"}]}\x00\xff',
+            index_map=[3, 1, 2**65],
+            connection_id=connection.id,
+            dropped=AWKWARD_DROPS,
+        ),
+        repo.NewDelivery(
+            output_id=output.id, source="segment", body=b"{}", index_map=[0], dropped=None
+        ),
+    ]
+
+
+async def _stored(
+    sessionmaker: async_sessionmaker[AsyncSession], ids: list[str]
+) -> list[dict[str, Any]]:
+    async with sessionmaker() as session:
+        rows = await repo.get_deliveries(session, ids)
+    return [_columns(row) for row in rows]
+
+
+async def test_inserted_deliveries_are_the_rows_the_session_writes(
+    sessionmaker: async_sessionmaker[AsyncSession], hot: HotStatements
+) -> None:
+    output, connection = await _output_and_connection(sessionmaker)
+    lease = repo.Lease("worker-1", T0 + timedelta(seconds=60), 1)
+    by_hot = repo.delivery_rows(_items(output, connection), now=T0, lease=lease)
+    by_session = repo.delivery_rows(_items(output, connection), now=T0, lease=lease)
+    await hot.insert_deliveries(by_hot)
+    async with sessionmaker() as session, session.begin():
+        await SessionWriter(session).insert_deliveries(by_session)
+    hot_rows = await _stored(sessionmaker, [row["id"] for row in by_hot])
+    session_rows = await _stored(sessionmaker, [row["id"] for row in by_session])
+    assert len(hot_rows) == len(session_rows) == 2
+    for mine, theirs in zip(hot_rows, session_rows, strict=True):
+        for key in ("id", "batch_id"):
+            assert mine.pop(key) != theirs.pop(key)
+        assert mine == theirs
+    assert hot_rows[0]["status"] == DeliveryStatus.IN_FLIGHT
+    assert hot_rows[0]["dropped"] == AWKWARD_DROPS
+    assert hot_rows[0]["index_map"] == [3, 1, 2**65]
+
+
+async def test_a_dropped_batch_is_the_row_the_session_writes(
+    sessionmaker: async_sessionmaker[AsyncSession], hot: HotStatements
+) -> None:
+    output, connection = await _output_and_connection(sessionmaker)
+
+    def row() -> dict[str, Any]:
+        return repo.dropped_batch_row(
+            output_id=output.id,
+            connection_id=connection.id,
+            source="records",
+            dropped=AWKWARD_DROPS,
+            now=T0,
+        )
+
+    mine, theirs = row(), row()
+    await hot.record_dropped_batch(mine)
+    async with sessionmaker() as session, session.begin():
+        await SessionWriter(session).record_dropped_batch(theirs)
+    async with sessionmaker() as session:
+        stored = {
+            batch.batch_id: _columns(batch) for batch in await session.scalars(select(DroppedBatch))
+        }
+    assert stored[mine["batch_id"]] | {"batch_id": None} == stored[theirs["batch_id"]] | {
+        "batch_id": None
+    }
+    assert stored[mine["batch_id"]]["dropped"] == AWKWARD_DROPS
+
+
+async def test_an_outcome_is_written_as_complete_writes_it_and_only_by_the_holder(
+    sessionmaker: async_sessionmaker[AsyncSession], hot: HotStatements
+) -> None:
+    output, connection = await _output_and_connection(sessionmaker)
+    lease = repo.Lease("worker-1", T0 + timedelta(seconds=60), 2)
+    rows = repo.delivery_rows(_items(output, connection), now=T0, lease=lease)
+    async with sessionmaker() as session, session.begin():
+        await repo.insert_rows(session, rows)
+    mine, theirs = (row["id"] for row in rows)
+    results = [{"index": 3, "status": "ok"}, {"index": 2**65, "status": "error", "code": "X"}]
+    done = T0 + timedelta(seconds=5)
+    values = repo.completion(
+        now=done, status=DeliveryStatus.PARTIAL, status_code=207, results=results, error="é"
+    )
+    # Another worker's outcome is refused and changes nothing.
+    assert not await hot.update_held(mine, "worker-2", values)
+    assert (await _stored(sessionmaker, [mine]))[0]["status"] == DeliveryStatus.IN_FLIGHT
+    assert await hot.update_held(mine, "worker-1", values)
+    async with sessionmaker() as session, session.begin():
+        assert await repo.complete(
+            session,
+            theirs,
+            worker_id="worker-1",
+            now=done,
+            status=DeliveryStatus.PARTIAL,
+            status_code=207,
+            results=results,
+            error="é",
+        )
+    written, expected = await _stored(sessionmaker, [mine, theirs])
+    for changed in ("status", "results", "last_status_code", "last_error", "updated_at"):
+        assert written[changed] == expected[changed], changed
+    assert written["leased_by"] is None
+    assert written["lease_expires_at"] is None
+    assert written["results"] == results
+    # Once written it is no longer held: a second outcome is refused.
+    assert not await hot.update_held(mine, "worker-1", values)
+
+
+async def test_a_naive_time_is_refused(
+    sessionmaker: async_sessionmaker[AsyncSession], hot: HotStatements
+) -> None:
+    output, connection = await _output_and_connection(sessionmaker)
+    rows = repo.delivery_rows(_items(output, connection)[:1], now=T0)
+    rows[0]["queued_at"] = datetime(2025, 3, 1, 12, 0)  # naive: the point
+    with pytest.raises((ValueError, StatementError)):
+        await hot.insert_deliveries(rows)
+    assert await _stored(sessionmaker, [rows[0]["id"]]) == []
+
+
+async def test_a_refused_statement_is_a_dbapi_error_and_stores_nothing(
+    sessionmaker: async_sessionmaker[AsyncSession], hot: HotStatements
+) -> None:
+    output, connection = await _output_and_connection(sessionmaker)
+    rows = repo.delivery_rows(_items(output, connection)[:1], now=T0)
+    rows[0]["output_id"] = "out_missing"  # the foreign key refuses it
+    with pytest.raises(DBAPIError):
+        await hot.insert_deliveries(rows)
+    assert await _stored(sessionmaker, [rows[0]["id"]]) == []
+    # The connection is still good for the next statement.
+    assert await hot.connection_with_output(connection.key) is not None
+
+
+async def _terminate_all(engine: AsyncEngine, database_url: str) -> int:
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
+    admin = create_async_engine(database_url, poolclass=NullPool)
+    try:
+        async with admin.connect() as connection:
+            killed = await connection.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+            return int(killed.scalar_one())
+    finally:
+        await admin.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_the_driver_recovers_from_connections_the_server_closed(
+    engine: AsyncEngine,
+    database_url: str,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    hot: HotStatements,
+) -> None:
+    """As a restart does: every pooled connection is closed from the server's side. The
+    next statements either succeed on a new connection or fail as a DBAPIError (never
+    a driver error the API would answer 500), and the pool heals."""
+    import asyncio
+
+    _, connection = await _output_and_connection(sessionmaker)
+    assert await hot.connection_with_output(connection.key) is not None
+    assert await _terminate_all(engine, database_url) >= 1
+    outcomes: list[str] = []
+    for _ in range(3):
+        try:
+            found = await hot.connection_with_output(connection.key)
+            outcomes.append("ok" if found is not None else "missing")
+        except DBAPIError:
+            outcomes.append("dbapi_error")
+        await asyncio.sleep(0.05)
+    assert outcomes[-1] == "ok", outcomes
+    assert set(outcomes) <= {"ok", "dbapi_error"}
+
+
+def _as_mapping(row: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(row)
+
+
+def test_the_hot_statements_cover_every_column() -> None:
+    """A column added to a table is read and written by the driver path too: its SQL is
+    built from the table definitions, and the rows from ``delivery_rows``."""
+    from app.db import hot
+
+    read = hot._CONNECTION_WITH_OUTPUT
+    for column in (*Connection.__table__.columns, *Output.__table__.columns):
+        assert f".{column.name}" in read
+    output = Output(id="out_x")
+    rows = repo.delivery_rows(
+        [repo.NewDelivery(output_id=output.id, source="mparticle", body=b"", index_map=[0])],
+        now=T0,
+    )
+    assert set(_as_mapping(rows[0])) == {c.name for c in Delivery.__table__.columns}
