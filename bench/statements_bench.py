@@ -1,0 +1,151 @@
+"""CPU per call of the three per-batch statements: through an AsyncSession (the
+repository, ``SessionStatements``) and through asyncpg directly (``DriverStatements``),
+on a fresh PostgreSQL database (docs/decisions/0016-hot-statements-through-the-driver.md).
+
+    .venv/bin/python bench/statements_bench.py [--calls 2000] [--rounds 3]
+
+Both sides run in one process against the same database, in alternating order, and the
+figure is the process's CPU time per call (the server's work is not counted: it is the
+same SQL on both sides). PostgreSQL: ``RELAY_TEST_POSTGRES_URL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import make_url, text
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+
+from app.db import repository as repo
+from app.db.hot import DriverStatements, HotStatements, SessionStatements
+from app.db.migrate import migrate
+from app.db.models import DeliveryStatus
+from app.db.session import create_autocommit_sessionmaker, create_engine, create_sessionmaker
+
+POSTGRES_URL = os.environ.get(
+    "RELAY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+BODY = b'{"events":[' + b'{"name":"purchase","eventId":"x"},' * 2600 + b"{}]}"  # ~87 KB
+RESULTS = [{"index": i, "status": "ok"} for i in range(100)]
+
+
+async def _admin(statement: str) -> None:
+    engine = create_async_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+async def _cpu_per_call(calls: int, call: Callable[[], Awaitable[object]]) -> float:
+    for _ in range(50):  # warm: statement caches, pool
+        await call()
+    start = time.process_time()
+    for _ in range(calls):
+        await call()
+    return (time.process_time() - start) / calls * 1e6
+
+
+async def _measure(
+    hot: HotStatements, calls: int, output_id: str, connection_id: str, key: str
+) -> dict[str, float]:
+    """CPU µs per call of each statement on one side: read, insert, outcome."""
+    now = datetime.now(UTC)
+    lease = repo.Lease("bench", now + timedelta(minutes=5), 1)
+    inserted: list[str] = []
+
+    async def read() -> object:
+        return await hot.connection_with_output(key)
+
+    async def insert() -> None:
+        item = repo.NewDelivery(
+            output_id=output_id,
+            source="mparticle",
+            body=BODY,
+            index_map=list(range(100)),
+            connection_id=connection_id,
+        )
+        rows = repo.delivery_rows([item], now=now, lease=lease)
+        inserted.append(rows[0]["id"])
+        await hot.insert_deliveries(rows)
+
+    async def outcome() -> bool:
+        values = repo.completion(
+            now=now, status=DeliveryStatus.DELIVERED, status_code=207, results=RESULTS
+        )
+        return await hot.update_held(inserted.pop(), "bench", values)
+
+    return {
+        "read": await _cpu_per_call(calls, read),
+        "insert": await _cpu_per_call(calls, insert),
+        "outcome": await _cpu_per_call(calls, outcome),
+    }
+
+
+async def run(calls: int, rounds: int) -> None:
+    name = f"relay_bench_{uuid.uuid4().hex[:10]}"
+    await _admin(f'CREATE DATABASE "{name}"')
+    url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    engine = create_engine(url, pool_size=5, max_overflow=0)
+    try:
+        await migrate(url)
+        sessionmaker = create_sessionmaker(engine)
+        async with sessionmaker() as session, session.begin():
+            output = await repo.create_output(session, name="Bench", advertiser_id="1")
+            created = await repo.create_connection(
+                session, output_id=output.id, source="mparticle", name="bench"
+            )
+        key, connection_id = created.connection.key, created.connection.id
+        sides: dict[str, HotStatements] = {
+            "session": SessionStatements(create_autocommit_sessionmaker(engine)),
+            "driver": DriverStatements(engine),
+        }
+        figures: dict[tuple[str, str], list[float]] = {}
+        for round_number in range(rounds):
+            order = list(sides) if round_number % 2 == 0 else list(reversed(sides))
+            for side in order:
+                measured = await _measure(sides[side], calls, output.id, connection_id, key)
+                for label, per_call in measured.items():
+                    figures.setdefault((label, side), []).append(per_call)
+        print(
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}; {calls} calls x {rounds} rounds; "
+            "median CPU µs per call"
+        )
+        print(f"{'statement':10s} {'session':>9s} {'driver':>9s} {'driver/session':>15s}")
+        total = {"session": 0.0, "driver": 0.0}
+        for label in ("read", "insert", "outcome"):
+            session_us = statistics.median(figures[(label, "session")])
+            driver_us = statistics.median(figures[(label, "driver")])
+            total["session"] += session_us
+            total["driver"] += driver_us
+            print(f"{label:10s} {session_us:9.0f} {driver_us:9.0f} {driver_us / session_us:15.2f}")
+        print(
+            f"{'per batch':10s} {total['session']:9.0f} {total['driver']:9.0f} "
+            f"{total['driver'] / total['session']:15.2f}"
+        )
+    finally:
+        await engine.dispose()
+        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    asyncio.run(run(args.calls, args.rounds))
+
+
+if __name__ == "__main__":
+    main()
