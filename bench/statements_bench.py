@@ -21,9 +21,11 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import make_url, text
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy import make_url
+
+# The sibling benchmark's PostgreSQL helpers (this directory is on sys.path when the
+# script runs).
+from upload_bench import POSTGRES_URL, _admin
 
 from app.db import repository as repo
 from app.db.hot import DriverStatements, HotStatements, SessionStatements
@@ -31,20 +33,8 @@ from app.db.migrate import migrate
 from app.db.models import DeliveryStatus
 from app.db.session import create_autocommit_sessionmaker, create_engine, create_sessionmaker
 
-POSTGRES_URL = os.environ.get(
-    "RELAY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-)
 BODY = b'{"events":[' + b'{"name":"purchase","eventId":"x"},' * 2600 + b"{}]}"  # ~87 KB
 RESULTS = [{"index": i, "status": "ok"} for i in range(100)]
-
-
-async def _admin(statement: str) -> None:
-    engine = create_async_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    try:
-        async with engine.connect() as connection:
-            await connection.execute(text(statement))
-    finally:
-        await engine.dispose()
 
 
 async def _cpu_per_call(calls: int, call: Callable[[], Awaitable[object]]) -> float:
