@@ -3,7 +3,7 @@
 A batch costs the relay three statements: the ingest reads its connection and output,
 inserts its delivery, and the dispatcher writes Amazon's answer. Through an
 ``AsyncSession`` each cost 0.7–0.9 ms of the relay's CPU; on PostgreSQL they go to
-asyncpg directly, on a connection of the engine's own pool, for 0.28–0.32 ms each
+asyncpg directly, on a connection of the engine's own pool, for 0.3–0.4 ms each
 (docs/decisions/0016-hot-statements-through-the-driver.md). Elsewhere (SQLite) they
 are the repository's functions, each in its own autocommit session. Both write the
 same rows; tests/test_hot_statements.py holds the driver's to the session's.
