@@ -15,6 +15,7 @@ Work that must be all-or-nothing with other statements uses a session
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -119,7 +120,9 @@ _JSON_COLUMNS: Final = {
 }
 
 
-def _insert_sql(table: Table, columns: Sequence[str], rows: int) -> str:
+# Built once per shape (a handful: the column sets are the repository's), not per batch.
+@functools.lru_cache(maxsize=64)
+def _insert_sql(table: Table, columns: tuple[str, ...], rows: int) -> str:
     width = len(columns)
     placeholders = (
         ", ".join(f"${row * width + i + 1}" for i in range(width)) for row in range(rows)
@@ -128,7 +131,8 @@ def _insert_sql(table: Table, columns: Sequence[str], rows: int) -> str:
     return f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {values}"  # noqa: S608
 
 
-def _update_held_sql(columns: Sequence[str]) -> str:
+@functools.lru_cache(maxsize=64)
+def _update_held_sql(columns: tuple[str, ...]) -> str:
     """repository._HELD_UPDATE: the values, guarded by the lease."""
     sets = ", ".join(f"{name} = ${i + 1}" for i, name in enumerate(columns))
     n = len(columns)
@@ -171,7 +175,6 @@ class DriverStatements:
             asyncpg.InterfaceError,
             engine.dialect.loaded_dbapi.Error,
         )
-        self._update_sql: dict[tuple[str, ...], str] = {}
 
     @asynccontextmanager
     async def _driver(self, statement: str) -> AsyncIterator[asyncpg.Connection]:
@@ -225,9 +228,7 @@ class DriverStatements:
         self, delivery_id: str, worker_id: str, values: Mapping[str, Any]
     ) -> bool:
         columns = tuple(values)
-        sql = self._update_sql.get(columns) or self._update_sql.setdefault(
-            columns, _update_held_sql(columns)
-        )
+        sql = _update_held_sql(columns)
         json_columns = _JSON_COLUMNS["deliveries"]
         arguments = [_parameter(json_columns, name, values[name]) for name in columns]
         held = DeliveryStatus.IN_FLIGHT.value
