@@ -118,4 +118,5 @@ class Runtime:
 
     async def close(self) -> None:
         await self.http.aclose()
+        await self.hot.aclose()
         await self.engine.dispose()

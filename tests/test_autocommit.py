@@ -139,10 +139,14 @@ async def test_the_ingest_stores_a_single_batch_with_one_statement(
             self.calls.append("record_dropped_batch")
             await self.inner.record_dropped_batch(row)
 
-    writer = Counting(hot_statements(engine, autocommit))
-    summary = await store_batch(
-        writer, prepared, output=output, connection=created.connection, now=now
-    )
+    hot = hot_statements(engine, autocommit)
+    writer = Counting(hot)
+    try:
+        summary = await store_batch(
+            writer, prepared, output=output, connection=created.connection, now=now
+        )
+    finally:
+        await hot.aclose()
     assert writer.calls == (["insert_deliveries"] if requests else ["record_dropped_batch"])
     assert len(summary.deliveries) == requests
     async with sessionmaker() as session:
@@ -151,7 +155,7 @@ async def test_the_ingest_stores_a_single_batch_with_one_statement(
     assert [d.id for d in stored] == summary.deliveries
     assert len(dropped) == (0 if requests else 1)
 
-    # The session statements (SQLite's hot statements): exactly one SQL statement.
+    # The session statements (an in-memory SQLite database's): exactly one SQL statement.
     statements: list[str] = []
 
     def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:

@@ -91,7 +91,7 @@ def test_an_outcome_write_that_fails_once_is_written_again_not_resent(
     lease, which would send it to Amazon a second time."""
     failures = [OSError("connection reset while writing the outcome")]
     # The outcome is written by the backend's hot statements (app/db/hot.py).
-    for statements in (hot.DriverStatements, hot.SessionStatements):
+    for statements in (hot.DriverStatements, hot.SessionStatements, hot.ThreadStatements):
         real_update = statements.update_held
 
         async def update_failing_once(*args: Any, _real: Any = real_update) -> Any:

@@ -1,11 +1,12 @@
 """The per-batch statements (app/db/hot.py) do to the rows exactly what the repository's
 session functions do, on both backends: on PostgreSQL they are asyncpg calls written
-by hand, so every column they read or write is compared with the ORM's own.
+by hand, on SQLite the repository's statements on a connection of their own in grouped
+transactions, so every column they read or write is compared with the ORM's own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +21,7 @@ from app.db.hot import (
     HotStatements,
     SessionStatements,
     SessionWriter,
+    ThreadStatements,
     hot_statements,
 )
 from app.db.models import Connection, Delivery, DeliveryStatus, DroppedBatch, Output
@@ -38,8 +40,12 @@ def _columns(row: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def hot(engine: AsyncEngine) -> HotStatements:
-    return hot_statements(engine, create_autocommit_sessionmaker(engine))
+async def hot(engine: AsyncEngine) -> AsyncIterator[HotStatements]:
+    statements = hot_statements(engine, create_autocommit_sessionmaker(engine))
+    try:
+        yield statements
+    finally:
+        await statements.aclose()
 
 
 async def _output_and_connection(
@@ -60,9 +66,22 @@ async def _output_and_connection(
     return output, created.connection
 
 
-def test_postgresql_goes_through_the_driver(backend: str, hot: HotStatements) -> None:
-    expected = SessionStatements if backend == "sqlite" else DriverStatements
+def test_each_backend_has_its_own_statements(backend: str, hot: HotStatements) -> None:
+    expected = ThreadStatements if backend == "sqlite" else DriverStatements
     assert type(hot) is expected
+
+
+async def test_an_in_memory_sqlite_database_keeps_the_sessions() -> None:
+    """A second connection to ``:memory:`` would open another, empty database."""
+    from app.db.session import create_engine
+
+    engine = create_engine("sqlite+aiosqlite:///:memory:")
+    try:
+        statements = hot_statements(engine, create_autocommit_sessionmaker(engine))
+        assert type(statements) is SessionStatements
+        await statements.aclose()
+    finally:
+        await engine.dispose()
 
 
 async def test_the_connection_and_output_read_as_the_orm_reads_them(

@@ -1,20 +1,24 @@
-"""The statements every relayed batch runs, each one statement committed on its own.
+"""The statements every relayed batch runs, each atomic on its own.
 
 A batch costs the relay three statements: the ingest reads its connection and output,
 inserts its delivery, and the dispatcher writes Amazon's answer. Through an
-``AsyncSession`` each cost 0.7–0.9 ms of the relay's CPU; on PostgreSQL they go to
+``AsyncSession`` each cost 0.7–0.9 ms of the relay's CPU. On PostgreSQL they go to
 asyncpg directly, on a connection of the engine's own pool, for 0.3–0.4 ms each
-(docs/decisions/0016-hot-statements-through-the-driver.md). Elsewhere (SQLite) they
-are the repository's functions, each in its own autocommit session. Both write the
-same rows; tests/test_hot_statements.py holds the driver's to the session's.
+(docs/decisions/0016-hot-statements-through-the-driver.md). On an SQLite file they run
+on a connection and thread of their own, where the statements waiting for SQLite's one
+writer share a transaction and its commit (docs/decisions/0017-sqlite-grouped-commits.md).
+An in-memory SQLite database keeps the repository's functions, each in its own
+autocommit session. All write the same rows; tests/test_hot_statements.py holds each
+to the session's.
 
-Only single statements live here: each is atomic by itself, with no transaction.
+Only single statements live here: none depends on another's effect in a transaction.
 Work that must be all-or-nothing with other statements uses a session
 (``SessionWriter`` for a batch written inside a transaction).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -23,14 +27,17 @@ from enum import Enum
 from typing import Any, Final, Protocol, cast
 
 import asyncpg
-from sqlalchemy import JSON, Table
+from sqlalchemy import JSON, Table, insert
+from sqlalchemy import Connection as SyncConnection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 
 from app.db import repository as repo
+from app.db.grouped import GroupedTransactions
 from app.db.models import Connection, DeliveryStatus, DroppedBatch, Output
-from app.db.session import dumps_json, is_sqlite
+from app.db.session import create_sqlite_thread_engine, dumps_json, is_sqlite
 
 
 class BatchWriter(Protocol):
@@ -50,13 +57,17 @@ class HotStatements(BatchWriter, Protocol):
         self, delivery_id: str, worker_id: str, values: Mapping[str, Any]
     ) -> bool: ...
 
+    async def aclose(self) -> None: ...
+
 
 def hot_statements(
     engine: AsyncEngine, autocommit: async_sessionmaker[AsyncSession]
 ) -> HotStatements:
     """asyncpg's own calls on PostgreSQL; the repository in autocommit sessions elsewhere."""
     if is_sqlite(engine.url.drivername):
-        return SessionStatements(autocommit)
+        if engine.url.database in (None, "", ":memory:"):
+            return SessionStatements(autocommit)  # a second connection would be another database
+        return ThreadStatements(engine)
     return DriverStatements(engine)
 
 
@@ -96,6 +107,63 @@ class SessionStatements:
     ) -> bool:
         async with self._autocommit() as session, session.begin():
             return await repo.update_held(session, delivery_id, worker_id, values)
+
+    async def aclose(self) -> None:
+        """The sessions' engine is the caller's to dispose of."""
+
+
+# --- SQLite on a thread of its own ---------------------------------------------------------
+
+
+class ThreadStatements:
+    """SQLite: the statements on a connection of their own, in grouped transactions.
+
+    Through aiosqlite and an ``AsyncSession``, one statement is five or six trips between
+    the event loop and aiosqlite's threads (isolation level, cursor, execute, commit,
+    reset), each waiting for the other side to give up the interpreter lock, and every
+    statement is a commit that waits for the disk. Here the same SQLAlchemy statements,
+    with the same types and JSON writer, run on a synchronous connection held by one
+    thread, and what is waiting when the thread comes free shares one transaction
+    (``GroupedTransactions``; docs/decisions/0017-sqlite-grouped-commits.md).
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._grouped = GroupedTransactions(create_sqlite_thread_engine(engine))
+
+    async def connection_with_output(self, key: str) -> tuple[Connection, Output] | None:
+        return await self._grouped.run(functools.partial(_read_connection_with_output, key))
+
+    async def insert_deliveries(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        if rows:
+            await self._grouped.run(functools.partial(_insert, repo.DELIVERIES, list(rows)))
+
+    async def record_dropped_batch(self, row: Mapping[str, Any]) -> None:
+        await self._grouped.run(functools.partial(_insert, _DROPPED, [dict(row)]))
+
+    async def update_held(
+        self, delivery_id: str, worker_id: str, values: Mapping[str, Any]
+    ) -> bool:
+        parameters = repo.held_parameters(delivery_id, worker_id, values)
+        return await self._grouped.run(functools.partial(_update_held, parameters))
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self._grouped.close)
+
+
+def _read_connection_with_output(
+    key: str, connection: SyncConnection
+) -> tuple[Connection, Output] | None:
+    with Session(connection, expire_on_commit=False) as session:
+        row = session.execute(repo.CONNECTION_WITH_OUTPUT, {"connection_key": key}).one_or_none()
+        return None if row is None else (row[0], row[1])
+
+
+def _insert(table: Table, rows: list[Mapping[str, Any]], connection: SyncConnection) -> None:
+    connection.execute(insert(table), rows)
+
+
+def _update_held(parameters: dict[str, Any], connection: SyncConnection) -> bool:
+    return bool(connection.execute(repo.HELD_UPDATE, parameters).rowcount == 1)
 
 
 # --- PostgreSQL through asyncpg -----------------------------------------------------------
@@ -235,3 +303,6 @@ class DriverStatements:
         async with self._driver(sql) as driver:
             status = await driver.execute(sql, *arguments, delivery_id, held, worker_id)
         return bool(status == "UPDATE 1")
+
+    async def aclose(self) -> None:
+        """The pool is the engine's, disposed of with it."""

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import event, exc, make_url
+from sqlalchemy import Engine, event, exc, make_url
+from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -72,6 +73,16 @@ def create_engine(
     engine = create_async_engine(url, echo=echo, **options, **codec)
     _check_before_use(engine)
     return engine
+
+
+def create_sqlite_thread_engine(engine: AsyncEngine, busy_timeout_ms: int = 10_000) -> Engine:
+    """A synchronous engine on ``engine``'s SQLite file, for work done on a thread of its
+    own (``app.db.hot.ThreadStatements``): same pragmas, same JSON writer, one
+    connection (the thread's)."""
+    url = engine.url.set(drivername="sqlite")
+    sync = create_sync_engine(url, json_serializer=dumps_json, pool_size=1, max_overflow=0)
+    event.listen(sync, "connect", _sqlite_pragmas(busy_timeout_ms))
+    return sync
 
 
 def _check_before_use(engine: AsyncEngine) -> None:
