@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from enum import Enum
 from typing import Any, Final, Protocol, cast
 
 import asyncpg
-from sqlalchemy import JSON, Table, insert
+from sqlalchemy import JSON, Dialect, Table
 from sqlalchemy import Connection as SyncConnection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 
 from app.db import repository as repo
@@ -112,6 +111,74 @@ class SessionStatements:
         """The sessions' engine is the caller's to dispose of."""
 
 
+# --- Built from the table definitions, so they cannot drift from them ---------------------
+
+_CONNECTIONS: Final = cast(Table, Connection.__table__)
+_OUTPUTS: Final = cast(Table, Output.__table__)
+_DROPPED: Final = cast(Table, DroppedBatch.__table__)
+# Attribute names in table order (they equal the column names; models.py).
+_CONNECTION_FIELDS: Final = tuple(column.key for column in _CONNECTIONS.columns)
+_OUTPUT_FIELDS: Final = tuple(column.key for column in _OUTPUTS.columns)
+_JSON_COLUMNS: Final = {
+    table.name: frozenset(c.name for c in table.columns if isinstance(c.type, JSON))
+    for table in (repo.DELIVERIES, _DROPPED)
+}
+# asyncpg numbers its parameters ($1, $2, ...); sqlite3 takes them in order (?).
+_NUMBERED: Final = "$"
+_IN_ORDER: Final = "?"
+
+
+def _placeholder(style: str, number: int) -> str:
+    return f"${number}" if style == _NUMBERED else "?"
+
+
+@functools.lru_cache(maxsize=2)
+def _connection_with_output_sql(style: str) -> str:
+    columns = [f"c.{name}" for name in _CONNECTION_FIELDS] + [
+        f"o.{name}" for name in _OUTPUT_FIELDS
+    ]
+    return (
+        f"SELECT {', '.join(columns)} "  # noqa: S608 - every name is the tables' own
+        "FROM connections AS c JOIN outputs AS o ON o.id = c.output_id "
+        f"WHERE c.key = {_placeholder(style, 1)}"
+    )
+
+
+_CONNECTION_WITH_OUTPUT: Final = _connection_with_output_sql(_NUMBERED)
+
+
+def _connection_and_output(values: Sequence[Any]) -> tuple[Connection, Output]:
+    """The two objects from one row of ``_connection_with_output_sql``, values converted."""
+    split = len(_CONNECTION_FIELDS)
+    connection = Connection(**dict(zip(_CONNECTION_FIELDS, values[:split], strict=True)))
+    output = Output(**dict(zip(_OUTPUT_FIELDS, values[split:], strict=True)))
+    return connection, output
+
+
+# Built once per shape (a handful: the column sets are the repository's), not per batch.
+@functools.lru_cache(maxsize=64)
+def _insert_sql(table: Table, columns: tuple[str, ...], rows: int, style: str) -> str:
+    width = len(columns)
+    placeholders = (
+        ", ".join(_placeholder(style, row * width + i + 1) for i in range(width))
+        for row in range(rows)
+    )
+    values = ", ".join(f"({group})" for group in placeholders)
+    return f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {values}"  # noqa: S608
+
+
+@functools.lru_cache(maxsize=64)
+def _update_held_sql(columns: tuple[str, ...], style: str) -> str:
+    """repository.HELD_UPDATE: the values, guarded by the lease."""
+    sets = ", ".join(f"{name} = {_placeholder(style, i + 1)}" for i, name in enumerate(columns))
+    n = len(columns)
+    guard = [_placeholder(style, n + i) for i in (1, 2, 3)]
+    return (
+        f"UPDATE deliveries SET {sets} "  # noqa: S608 - names are the table's own columns
+        f"WHERE id = {guard[0]} AND status = {guard[1]} AND leased_by = {guard[2]}"
+    )
+
+
 # --- SQLite on a thread of its own ---------------------------------------------------------
 
 
@@ -143,71 +210,73 @@ class ThreadStatements:
     async def update_held(
         self, delivery_id: str, worker_id: str, values: Mapping[str, Any]
     ) -> bool:
-        parameters = repo.held_parameters(delivery_id, worker_id, values)
-        return await self._grouped.run(functools.partial(_update_held, parameters))
+        update = functools.partial(_update_held, delivery_id, worker_id, dict(values))
+        return await self._grouped.run(update)
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self._grouped.close)
 
 
+Processor = Callable[[Any], Any]
+
+
+@functools.lru_cache(maxsize=64)
+def _bind_processors(
+    table: Table, columns: tuple[str, ...], dialect: Dialect
+) -> tuple[Processor | None, ...]:
+    """Each column's bind processor, as SQLAlchemy applies it to every value (None
+    included): UTC times as SQLite stores them, enum members, JSON through the
+    engine's writer."""
+    return tuple(
+        table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in columns
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _read_processors(dialect: Dialect) -> tuple[Processor | None, ...]:
+    columns = (*_CONNECTIONS.columns, *_OUTPUTS.columns)
+    return tuple(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns)
+
+
+def _bound(processors: Sequence[Processor | None], values: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(
+        value if process is None else process(value)
+        for process, value in zip(processors, values, strict=True)
+    )
+
+
 def _read_connection_with_output(
     key: str, connection: SyncConnection
 ) -> tuple[Connection, Output] | None:
-    with Session(connection, expire_on_commit=False) as session:
-        row = session.execute(repo.CONNECTION_WITH_OUTPUT, {"connection_key": key}).one_or_none()
-        return None if row is None else (row[0], row[1])
+    sql = _connection_with_output_sql(_IN_ORDER)
+    row = connection.exec_driver_sql(sql, (key,)).first()
+    if row is None:
+        return None
+    return _connection_and_output(_bound(_read_processors(connection.dialect), tuple(row)))
 
 
 def _insert(table: Table, rows: list[Mapping[str, Any]], connection: SyncConnection) -> None:
-    connection.execute(insert(table), rows)
+    columns = tuple(rows[0])
+    processors = _bind_processors(table, columns, connection.dialect)
+    parameters = [_bound(processors, [row[name] for name in columns]) for row in rows]
+    connection.exec_driver_sql(_insert_sql(table, columns, 1, _IN_ORDER), parameters)
 
 
-def _update_held(parameters: dict[str, Any], connection: SyncConnection) -> bool:
-    return bool(connection.execute(repo.HELD_UPDATE, parameters).rowcount == 1)
+_LEASE_GUARD: Final = ("id", "status", "leased_by")
+
+
+def _update_held(
+    delivery_id: str, worker_id: str, values: Mapping[str, Any], connection: SyncConnection
+) -> bool:
+    columns = tuple(values)
+    processors = _bind_processors(repo.DELIVERIES, columns + _LEASE_GUARD, connection.dialect)
+    lease = (delivery_id, DeliveryStatus.IN_FLIGHT, worker_id)
+    parameters = _bound(processors, [*(values[name] for name in columns), *lease])
+    result = connection.exec_driver_sql(_update_held_sql(columns, _IN_ORDER), parameters)
+    return bool(result.rowcount == 1)
 
 
 # --- PostgreSQL through asyncpg -----------------------------------------------------------
-
-_CONNECTIONS: Final = cast(Table, Connection.__table__)
-_OUTPUTS: Final = cast(Table, Output.__table__)
-_DROPPED: Final = cast(Table, DroppedBatch.__table__)
-# Attribute names in table order (they equal the column names; models.py).
-_CONNECTION_FIELDS: Final = tuple(column.key for column in _CONNECTIONS.columns)
-_OUTPUT_FIELDS: Final = tuple(column.key for column in _OUTPUTS.columns)
-# Built from the tables, so it cannot drift from them.
-_CONNECTION_WITH_OUTPUT: Final = (
-    "SELECT "  # noqa: S608 - every name comes from the table definitions
-    + ", ".join(
-        [f"c.{name}" for name in _CONNECTION_FIELDS] + [f"o.{name}" for name in _OUTPUT_FIELDS]
-    )
-    + " FROM connections AS c JOIN outputs AS o ON o.id = c.output_id WHERE c.key = $1"
-)
-_JSON_COLUMNS: Final = {
-    table.name: frozenset(c.name for c in table.columns if isinstance(c.type, JSON))
-    for table in (repo.DELIVERIES, _DROPPED)
-}
-
-
-# Built once per shape (a handful: the column sets are the repository's), not per batch.
-@functools.lru_cache(maxsize=64)
-def _insert_sql(table: Table, columns: tuple[str, ...], rows: int) -> str:
-    width = len(columns)
-    placeholders = (
-        ", ".join(f"${row * width + i + 1}" for i in range(width)) for row in range(rows)
-    )
-    values = ", ".join(f"({group})" for group in placeholders)
-    return f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {values}"  # noqa: S608
-
-
-@functools.lru_cache(maxsize=64)
-def _update_held_sql(columns: tuple[str, ...]) -> str:
-    """repository._HELD_UPDATE: the values, guarded by the lease."""
-    sets = ", ".join(f"{name} = ${i + 1}" for i, name in enumerate(columns))
-    n = len(columns)
-    return (
-        f"UPDATE deliveries SET {sets} "  # noqa: S608 - names are the table's own columns
-        f"WHERE id = ${n + 1} AND status = ${n + 2} AND leased_by = ${n + 3}"
-    )
 
 
 def _parameter(json_columns: frozenset[str], name: str, value: Any) -> Any:
@@ -270,11 +339,7 @@ class DriverStatements:
             record = await driver.fetchrow(_CONNECTION_WITH_OUTPUT, key)
         if record is None:
             return None
-        values = list(record.values())
-        split = len(_CONNECTION_FIELDS)
-        connection = Connection(**dict(zip(_CONNECTION_FIELDS, values[:split], strict=True)))
-        output = Output(**dict(zip(_OUTPUT_FIELDS, values[split:], strict=True)))
-        return connection, output
+        return _connection_and_output(list(record.values()))
 
     async def insert_deliveries(self, rows: Sequence[Mapping[str, Any]]) -> None:
         await self._insert(repo.DELIVERIES, rows)
@@ -287,7 +352,7 @@ class DriverStatements:
             return
         columns = tuple(rows[0])
         json_columns = _JSON_COLUMNS[table.name]
-        sql = _insert_sql(table, columns, len(rows))
+        sql = _insert_sql(table, columns, len(rows), _NUMBERED)
         arguments = [_parameter(json_columns, name, row[name]) for row in rows for name in columns]
         async with self._driver(sql) as driver:
             await driver.execute(sql, *arguments)
@@ -296,7 +361,7 @@ class DriverStatements:
         self, delivery_id: str, worker_id: str, values: Mapping[str, Any]
     ) -> bool:
         columns = tuple(values)
-        sql = _update_held_sql(columns)
+        sql = _update_held_sql(columns, _NUMBERED)
         json_columns = _JSON_COLUMNS["deliveries"]
         arguments = [_parameter(json_columns, name, values[name]) for name in columns]
         held = DeliveryStatus.IN_FLIGHT.value

@@ -417,7 +417,7 @@ async def get_connection_by_key(session: AsyncSession, key: str) -> Connection |
 
 
 # Built once (every ingest runs it): only the key is bound per request.
-CONNECTION_WITH_OUTPUT: Final = (
+_CONNECTION_WITH_OUTPUT: Final = (
     select(Connection, Output)
     .join(Output, Output.id == Connection.output_id)
     .where(Connection.key == bindparam("connection_key"))
@@ -429,7 +429,7 @@ async def get_connection_with_output(
     session: AsyncSession, key: str
 ) -> tuple[Connection, Output] | None:
     """The connection with this key and its output, in one query (every ingest asks)."""
-    row = (await session.execute(CONNECTION_WITH_OUTPUT, {"connection_key": key})).one_or_none()
+    row = (await session.execute(_CONNECTION_WITH_OUTPUT, {"connection_key": key})).one_or_none()
     return None if row is None else (row[0], row[1])
 
 
@@ -727,7 +727,7 @@ def _held_by(delivery_id: str, worker_id: str) -> Any:
 # The outcome UPDATE of a held delivery, built once: each outcome only binds its values
 # (the SET clause follows the parameters' names), so no statement is built, coerced and
 # cache-keyed per delivery (~0.25 ms each, with 100 per-event results as a literal).
-HELD_UPDATE: Final = update(DELIVERIES).where(
+_HELD_UPDATE: Final = update(DELIVERIES).where(
     DELIVERIES.c.id == bindparam("held_id"),
     DELIVERIES.c.status == bindparam("held_status"),
     DELIVERIES.c.leased_by == bindparam("held_by"),
@@ -739,20 +739,16 @@ async def update_held(
 ) -> bool:
     """Write ``values`` to a delivery ``worker_id`` still holds; False if it no longer does.
 
-    _update(session, _held_by(delivery_id, worker_id), values), with HELD_UPDATE.
+    _update(session, _held_by(delivery_id, worker_id), values), with _HELD_UPDATE.
     """
-    result = await session.execute(HELD_UPDATE, held_parameters(delivery_id, worker_id, values))
-    return _rowcount(result) == 1
-
-
-def held_parameters(delivery_id: str, worker_id: str, values: Mapping[str, Any]) -> dict[str, Any]:
-    """HELD_UPDATE's parameters: the values, and the lease that must still hold."""
-    return {
+    parameters = {
         **values,
         "held_id": delivery_id,
         "held_status": DeliveryStatus.IN_FLIGHT,
         "held_by": worker_id,
     }
+    result = await session.execute(_HELD_UPDATE, parameters)
+    return _rowcount(result) == 1
 
 
 async def _update(session: AsyncSession, where: Any, values: Mapping[str, Any]) -> bool:
