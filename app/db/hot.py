@@ -188,9 +188,10 @@ class ThreadStatements:
     Through aiosqlite and an ``AsyncSession``, one statement is five or six trips between
     the event loop and aiosqlite's threads (isolation level, cursor, execute, commit,
     reset), each waiting for the other side to give up the interpreter lock, and every
-    statement is a commit that waits for the disk. Here the same SQLAlchemy statements,
-    with the same types and JSON writer, run on a synchronous connection held by one
-    thread, and what is waiting when the thread comes free shares one transaction
+    statement is a commit that waits for the disk. Here each is SQL built once from the
+    table definitions, its values converted by SQLAlchemy's own processors for each
+    column (the same types and JSON writer), run on a synchronous connection held by one
+    thread; what is waiting when the thread comes free shares one transaction
     (``GroupedTransactions``; docs/decisions/0017-sqlite-grouped-commits.md).
     """
 
