@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.grouped import MAX_GROUP, GroupedTransactions
@@ -188,3 +188,17 @@ async def test_an_orm_read_in_a_group_leaves_the_group_s_writes_alone(
     outcomes = await _queue_behind(grouped, [_child(1), read, _child(2), read])
     assert outcomes == [1, [1], 2, [1, 2]]
     assert _stored(database) == [1, 2]
+
+
+async def test_work_that_ends_the_thread_fails_its_group_and_the_thread_goes_on(
+    grouped: GroupedTransactions, database: Path
+) -> None:
+    def fatal(_connection: Connection) -> None:
+        raise SystemExit("the thread ends here")
+
+    outcomes = await _queue_behind(grouped, [_child(1), fatal])
+    # Nothing of the group was committed, and nobody is left waiting.
+    assert all(isinstance(outcome, DBAPIError) for outcome in outcomes), outcomes
+    assert _stored(database) == []
+    assert await grouped.run(_child(2)) == 2
+    assert _stored(database) == [2]

@@ -18,10 +18,11 @@ import contextlib
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 T = TypeVar("T")
 
@@ -30,12 +31,19 @@ T = TypeVar("T")
 MAX_GROUP: Final = 64
 
 
+def _not_run(cause: BaseException | None = None) -> DBAPIError:
+    # A storage failure like any other (the API answers 503, the dispatcher retries).
+    reason = f"the work was not run: {cause!r}" if cause else "the database thread stopped"
+    return DBAPIError(None, None, RuntimeError(reason))
+
+
 @dataclass(slots=True)
 class _Work:
     run: Callable[[Connection], Any]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
-    outcome: tuple[Any, BaseException | None] = field(default=(None, None))
+    # (result, error) once the work has run; None means it never did.
+    outcome: tuple[Any, BaseException | None] | None = None
 
 
 _STOP: Final = object()
@@ -62,10 +70,10 @@ class GroupedTransactions:
         return await future
 
     def _start(self) -> None:
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
             return
         with self._lock:
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 # A daemon: a process that never closes this (a test, a one-off command)
                 # must still be able to exit; ``close`` is what waits for queued work.
                 thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
@@ -98,8 +106,10 @@ class GroupedTransactions:
                 except queue.Empty:
                     break
             if group:
-                self._run_group(group)
-                _settle(group)
+                try:
+                    self._run_group(group)
+                finally:  # whatever happened, nobody may wait forever
+                    _settle(group)
             if stop:
                 return
 
@@ -116,6 +126,12 @@ class GroupedTransactions:
             for work in group:  # rolled back: each again, alone
                 self._run_alone(work)
             return
+        except BaseException as error:  # the thread must outlive it
+            # Not a database error (SystemExit, say): the group was rolled back and its
+            # callers get a storage failure; the thread goes on serving the queue.
+            for work in group:
+                work.outcome = (None, _not_run(error))
+            return
         for work, result in zip(group, results, strict=True):
             work.outcome = (result, None)
 
@@ -126,6 +142,8 @@ class GroupedTransactions:
                 work.outcome = (work.run(connection), None)
         except Exception as error:  # handed to its caller
             work.outcome = (None, error)
+        except BaseException as error:  # as in _run_group: the thread goes on
+            work.outcome = (None, _not_run(error))
 
 
 def _settle(group: list[_Work]) -> None:
@@ -143,7 +161,7 @@ def _set_outcomes(works: list[_Work]) -> None:
     for work in works:
         if work.future.done():  # the caller was cancelled
             continue
-        result, error = work.outcome
+        result, error = work.outcome if work.outcome is not None else (None, _not_run())
         if error is None:
             work.future.set_result(result)
         else:
