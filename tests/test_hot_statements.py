@@ -84,6 +84,24 @@ async def test_an_in_memory_sqlite_database_keeps_the_sessions() -> None:
         await engine.dispose()
 
 
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_sqlite_s_thread_starts_with_the_first_statement_and_stops_on_close(
+    engine: AsyncEngine,
+) -> None:
+    import threading
+
+    def threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "relay-sqlite"]
+
+    before = threads()
+    statements = hot_statements(engine, create_autocommit_sessionmaker(engine))
+    assert threads() == before  # a runtime that never ingests holds no thread
+    assert await statements.connection_with_output("no such key") is None
+    assert len(threads()) == len(before) + 1
+    await statements.aclose()
+    assert threads() == before
+
+
 async def test_the_connection_and_output_read_as_the_orm_reads_them(
     sessionmaker: async_sessionmaker[AsyncSession], hot: HotStatements
 ) -> None:

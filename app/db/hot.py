@@ -48,7 +48,8 @@ class BatchWriter(Protocol):
 
 
 class HotStatements(BatchWriter, Protocol):
-    """The per-batch statements, each committed on its own."""
+    """The per-batch statements, each atomic on its own (committed alone, or on SQLite
+    in a transaction shared with others that cannot undo it)."""
 
     async def connection_with_output(self, key: str) -> tuple[Connection, Output] | None: ...
 
@@ -62,7 +63,8 @@ class HotStatements(BatchWriter, Protocol):
 def hot_statements(
     engine: AsyncEngine, autocommit: async_sessionmaker[AsyncSession]
 ) -> HotStatements:
-    """asyncpg's own calls on PostgreSQL; the repository in autocommit sessions elsewhere."""
+    """asyncpg's own calls on PostgreSQL; a thread with grouped commits on an SQLite
+    file; the repository in autocommit sessions on an in-memory SQLite database."""
     if is_sqlite(engine.url.drivername):
         if engine.url.database in (None, "", ":memory:"):
             return SessionStatements(autocommit)  # a second connection would be another database
