@@ -1,4 +1,4 @@
-"""Load and soak: ``relay serve --workers N`` on PostgreSQL, driven at increasing rates.
+"""Load and soak: ``relay serve --workers N`` on PostgreSQL (or SQLite), driven at increasing rates.
 
 Three kinds of process, as in production: the Amazon emulator (``relay emulator``), the
 relay (``relay serve --workers N``: API + one dispatcher per worker) on a fresh
@@ -24,7 +24,8 @@ ingest latency since the previous sample; it passes when no worker's RSS grew mo
 10 % from its first sample after the warm-up minute and the queue did not grow.
 
 PostgreSQL: ``RELAY_TEST_POSTGRES_URL`` (as bench/upload_bench.py: a fresh database is
-created and dropped at the end).
+created and dropped at the end). ``--backend sqlite``: a fresh file in the work directory;
+its samples also give the size of SQLite's write-ahead log.
 """
 
 from __future__ import annotations
@@ -234,9 +235,19 @@ class Database:
     """Queries on the relay's database, through a psycopg-free asyncpg engine."""
 
     def __init__(self, url: str) -> None:
+        from sqlalchemy import make_url
         from sqlalchemy.ext.asyncio import create_async_engine
 
-        self.engine = create_async_engine(url, pool_size=2)
+        self.sqlite = url.startswith("sqlite")
+        self.file = Path(make_url(url).database or "") if self.sqlite else None
+        self.engine = create_async_engine(url, **({} if self.sqlite else {"pool_size": 2}))
+
+    def wal_mb(self) -> float | None:
+        """SQLite's write-ahead log: it must not grow without bound under load."""
+        if self.file is None:
+            return None
+        wal = self.file.with_name(self.file.name + "-wal")
+        return round(wal.stat().st_size / 2**20, 1) if wal.exists() else 0.0
 
     async def scalar(self, sql: str) -> Any:
         from sqlalchemy import text
@@ -245,7 +256,7 @@ class Database:
             return (await connection.execute(text(sql))).scalar()
 
     async def autovacuum_off(self) -> bool:
-        return await self.scalar("SHOW autovacuum") == "off"
+        return not self.sqlite and await self.scalar("SHOW autovacuum") == "off"
 
     async def vacuum_forever(self, interval: float) -> None:
         """What autovacuum would do for the queue table, for servers that run without it.
@@ -270,11 +281,19 @@ class Database:
     async def lags(self, since_epoch: float, until_epoch: float) -> list[float]:
         from sqlalchemy import text
 
-        sql = text(
-            "SELECT EXTRACT(EPOCH FROM updated_at - queued_at) FROM deliveries"
-            " WHERE status = 'delivered' AND queued_at >= to_timestamp(:since)"
-            " AND queued_at < to_timestamp(:until)"
-        )
+        if self.sqlite:  # times are stored as UTC text
+            sql = text(
+                "SELECT (julianday(updated_at) - julianday(queued_at)) * 86400 FROM deliveries"
+                " WHERE status = 'delivered'"
+                " AND queued_at >= strftime('%Y-%m-%d %H:%M:%f', :since, 'unixepoch')"
+                " AND queued_at < strftime('%Y-%m-%d %H:%M:%f', :until, 'unixepoch')"
+            )
+        else:
+            sql = text(
+                "SELECT EXTRACT(EPOCH FROM updated_at - queued_at) FROM deliveries"
+                " WHERE status = 'delivered' AND queued_at >= to_timestamp(:since)"
+                " AND queued_at < to_timestamp(:until)"
+            )
         async with self.engine.connect() as connection:
             rows = await connection.execute(sql, {"since": since_epoch, "until": until_epoch})
             return [float(lag) for (lag,) in rows]
@@ -371,6 +390,7 @@ async def soak(
             "answers": window.statuses,
             "ingest_p99_ms": round(1000 * percentile(window.latencies, 0.99), 1),
             "queue_depth": await db.queue_depth(),
+            **({} if db.file is None else {"wal_mb": db.wal_mb()}),
             "rss_mb": {name: u["rss_mb"] for name, u in usage.items()},
             "cpu_percent": {name: u["cpu_percent"] for name, u in usage.items()},
         }
@@ -406,13 +426,15 @@ async def soak(
 
 
 @contextmanager
-def stack(workers: int, workdir: Path) -> Iterator[tuple[str, str, str, int, int]]:
-    """Emulator and ``relay serve --workers N`` on a fresh PostgreSQL database."""
+def stack(
+    workers: int, workdir: Path, backend: str = "postgresql"
+) -> Iterator[tuple[str, str, str, int, int]]:
+    """Emulator and ``relay serve --workers N`` on a fresh database."""
     amazon_port, relay_port = free_port(), free_port()
     amazon, relay = f"http://127.0.0.1:{amazon_port}", f"http://127.0.0.1:{relay_port}"
     admin_token = secrets.token_urlsafe(24)
     with ExitStack() as exits:
-        database_url = exits.enter_context(database("postgresql", workdir))
+        database_url = exits.enter_context(database(backend, workdir))
         env = {
             **os.environ,
             "RELAY_DATABASE_URL": database_url,
@@ -472,11 +494,18 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.platform()}",
         "python": platform.python_version(),
         "workers": args.workers,
+        "backend": args.backend,
         "batch_events": BATCH_EVENTS,
     }
     # The processes and the database are set up outside the event loop: the database
     # helper runs its own.
-    with stack(args.workers, workdir) as (relay, admin_token, database_url, relay_pid, emu_pid):
+    with stack(args.workers, workdir, args.backend) as (
+        relay,
+        admin_token,
+        database_url,
+        relay_pid,
+        emu_pid,
+    ):
         auth = connection(relay, admin_token)
         procs = Processes(relay_pid, emu_pid)
         report |= asyncio.run(measure(args, relay, auth, database_url, procs))
@@ -531,6 +560,7 @@ async def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--backend", choices=["postgresql", "sqlite"], default="postgresql")
     parser.add_argument(
         "--rates",
         type=lambda text: [float(r) for r in text.split(",")],
