@@ -114,16 +114,16 @@ class GroupedTransactions:
                 return
 
     def _run_group(self, group: list[_Work]) -> None:
-        self.groups += 1
         self.works += len(group)
+        if len(group) == 1:
+            self._run_alone(group[0])
+            return
+        self.groups += 1
         try:
             with self._engine.begin() as connection:
                 results = [work.run(connection) for work in group]
-        except Exception as error:  # each caller gets its own outcome
-            if len(group) == 1:
-                group[0].outcome = (None, error)
-                return
-            for work in group:  # rolled back: each again, alone
+        except Exception:  # rolled back: each again, alone, for its own outcome
+            for work in group:
                 self._run_alone(work)
             return
         except BaseException as error:  # the thread must outlive it
