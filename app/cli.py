@@ -90,21 +90,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Each worker writes its metrics here; any worker's /metrics merges them all.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="relay-metrics-")
-    uvicorn.run(
-        "app.main:app_factory",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=15,
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": args.host,
+        "port": args.port,
+        "workers": args.workers,
+        "log_level": "warning",
+        "access_log": False,
+        "timeout_graceful_shutdown": 15,
         # Longer than the idle timeout of clients' and load balancers' connection pools
         # (httpx 5 s, aiohttp 15 s, AWS ALB 60 s): otherwise the relay may close an idle
         # connection just as a request is sent on it, and the sender sees no answer.
-        timeout_keep_alive=75,
-        proxy_headers=args.proxy_headers,
-    )
+        "timeout_keep_alive": 75,
+        "proxy_headers": args.proxy_headers,
+    }
+    if args.workers > 1:
+        from app.workers import run_workers
+
+        try:
+            run_workers(uvicorn.Config("app.main:app_factory", **options))
+        except OSError as error:
+            where = f"{args.host}:{args.port}"
+            raise UsageError(f"cannot listen on {where}: {error.strerror}") from None
+    else:
+        uvicorn.run("app.main:app_factory", **options)
     return 0
 
 
