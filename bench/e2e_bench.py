@@ -23,14 +23,18 @@ Phases, each ``--seconds`` long, on the same bodies:
 - relay, one worker, open loop at half the sustained rate: p99 ingest latency there
   (timed from each request's scheduled send time, so a late generator counts against
   the relay rather than hiding its stalls);
-- relay, two workers (``--workers 2``), closed loop: linearity in the number of workers.
+- relay, two workers (``--workers 2``), closed loop, unconstrained: what two workers add
+  on cores that the emulator, the load generator and the database also need;
+- relay, one worker and two workers, each worker held by the kernel to ``--worker-cpu``
+  of a core (bench/cpu_share.py), alternated ``HELD_ROUNDS`` times: linearity in the
+  number of workers, with the rest of the machine left room (decision 0018).
 
 Every phase also reports the CPU each process spent per batch. Their sum does not move
 with other load on a shared machine as the rates do, so the bench prints the ratio of
 the pass-through's sum to the relay's as well (the PostgreSQL server is not counted).
 
     .venv/bin/python bench/e2e_bench.py [--seconds 10] [--backend sqlite|postgresql|both]
-        [--concurrency 16] [--profile DIR] [--json]
+        [--concurrency 16] [--worker-cpu 0.35] [--profile DIR] [--json]
 
 ``--profile DIR`` runs the one-worker relay under cProfile (slower: its figures are not
 the benchmark's) and prints where its time goes.
@@ -76,6 +80,7 @@ from fastapi import FastAPI, Request, Response
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # bench/ is not a package: its scripts import each other from this directory.
+from cpu_share import CpuShares, available, workers_of
 from upload_bench import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -95,6 +100,7 @@ MARKER = b"BATCHMARKR"
 WARMUP_SECONDS = 2.0
 DRAIN_TIMEOUT_SECONDS = 180.0
 LINEAR_SHARE = 0.9  # "linear": N workers give at least 90 % of N times one worker
+HELD_ROUNDS = 3  # one and two workers held to a share of a core, alternated this often
 
 
 # --- the data ----------------------------------------------------------------------------
@@ -397,6 +403,9 @@ class Phase:
     lags_ms: list[float] = field(default_factory=list)
     drain_seconds: float | None = None
     last_delivered: float | None = None  # seconds from the window's start
+    idle_share: float | None = None  # of the machine's CPU time in the window, unused
+    quota_cores: float | None = None  # the relay's workers' CPU shares added up
+    throttled: list[float] = field(default_factory=list)  # per worker: periods held back
 
     @property
     def rate(self) -> float:
@@ -439,6 +448,9 @@ class Phase:
             "lag_p50_ms": round(percentile(self.lags_ms, 0.50), 1) if self.lags_ms else None,
             "lag_p99_ms": round(percentile(self.lags_ms, 0.99), 1) if self.lags_ms else None,
             "drain_seconds": self.drain_seconds,
+            "machine_idle_share": self.idle_share,
+            "relay_quota_cores": self.quota_cores,
+            "worker_periods_throttled": [round(t, 3) for t in self.throttled],
             "generator_max_lateness_ms": round(self.max_lateness_ms, 1),
             "cpu_ms_per_batch": {
                 name: round(seconds * 1000 / batches, 2)
@@ -465,7 +477,9 @@ def measure(
 ) -> tuple[Phase, LoadResult]:
     before = {label: tree_cpu(pid) for label, pid in pids.items()}
     database_before = postgres_cpu()
+    machine_before = psutil.cpu_times()
     result = run_load(spec)
+    machine_after = psutil.cpu_times()
     cpu = {label: tree_cpu(pid) - before[label] for label, pid in pids.items()}
     cpu["load generator"] = result.cpu_seconds
     # Backends started during the phase count from zero; those that ended are not seen.
@@ -483,6 +497,10 @@ def measure(
         cpu_seconds=cpu,
         max_lateness_ms=result.max_lateness * 1000,
         offered_rate=spec.rate,
+        idle_share=round(
+            (machine_after.idle - machine_before.idle) / (sum(machine_after) - sum(machine_before)),
+            3,
+        ),
     )
     return phase, result
 
@@ -582,11 +600,20 @@ def relay_phase(name: str, spec: LoadSpec, pids: dict[str, int], deliveries: Del
     return phase
 
 
-@dataclass(slots=True)
-class RelayStack:
-    url: str
-    pid: int
-    headers: dict[str, str]
+def wait_workers(pid: int, count: int, timeout: float = 30.0) -> list[int]:
+    """The worker processes of ``relay serve --workers count``, once all have started."""
+    deadline = time.monotonic() + timeout
+    while len(found := workers_of(pid, count)) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"relay serve started {len(found)} of {count} workers")
+        time.sleep(0.1)
+    return found
+
+
+def share_label(workers: int, share: float) -> str:
+    if workers == 1:
+        return f"relay, 1 worker, {share:g} core"
+    return f"relay, {workers} workers, {share:g} core each"
 
 
 def relay_env(
@@ -670,29 +697,41 @@ def run_backend(
     admin = secrets.token_urlsafe(24)
     with database(backend, workdir) as database_url:
         deliveries = Deliveries(database_url)
+        headers: dict[str, str] = {}
+
+        @contextmanager
+        def relay_server(workers: int, profile: bool = False) -> Iterator[tuple[str, int]]:
+            """``relay serve --workers N`` on this run's database, warmed up and drained."""
+            relay_port = free_port()
+            relay = f"http://127.0.0.1:{relay_port}"
+            env = relay_env(database_url, workdir, amazon, relay, admin)
+            command = [RELAY, "serve", "--port", str(relay_port), "--workers", str(workers)]
+            if profile:
+                run.profile = args.profile / f"relay-{backend}.prof"
+                command = [sys.executable, "-m", "cProfile", "-o", str(run.profile), *command]
+            log = workdir / f"relay-{backend}-{workers}w-{relay_port}.log"
+            # uvicorn re-raises SIGTERM after its shutdown, which kills the process before
+            # cProfile writes its file; SIGINT ends in KeyboardInterrupt, which relay's
+            # main() turns into an ordinary exit.
+            stop = signal.SIGINT if profile else signal.SIGTERM
+            with process(command, env, log, stop) as relay_proc:
+                wait_http(f"{relay}/healthz")
+                if not headers:
+                    headers.update(connect(relay, admin))
+                yield f"{relay}/v2/events", relay_proc.pid
+
+        def warm_up(url: str) -> None:
+            run_load(spec(url, headers, seconds=WARMUP_SECONDS, relay=True))
+            deliveries.drain()
+
         try:
-            headers: dict[str, str] = {}
             for workers in (1, 2):
-                relay_port = free_port()
-                relay = f"http://127.0.0.1:{relay_port}"
-                env = relay_env(database_url, workdir, amazon, relay, admin)
-                command = [RELAY, "serve", "--port", str(relay_port), "--workers", str(workers)]
-                if args.profile and workers == 1:
-                    run.profile = args.profile / f"relay-{backend}.prof"
-                    command = [sys.executable, "-m", "cProfile", "-o", str(run.profile), *command]
-                log = workdir / f"relay-{backend}-{workers}w.log"
-                # uvicorn re-raises SIGTERM after its shutdown, which kills the process before
-                # cProfile writes its file; SIGINT ends in KeyboardInterrupt, which relay's
-                # main() turns into an ordinary exit.
-                stop = signal.SIGINT if args.profile and workers == 1 else signal.SIGTERM
-                with process(command, env, log, stop) as relay_proc:
-                    wait_http(f"{relay}/healthz")
-                    if not headers:
-                        headers = connect(relay, admin)
-                    pids = {"relay": relay_proc.pid, "emulator": emulator_pid}
-                    url = f"{relay}/v2/events"
-                    run_load(spec(url, headers, seconds=WARMUP_SECONDS, relay=True))
-                    deliveries.drain()
+                with relay_server(workers, profile=bool(args.profile) and workers == 1) as (
+                    url,
+                    pid,
+                ):
+                    pids = {"relay": pid, "emulator": emulator_pid}
+                    warm_up(url)
                     label = f"relay, {workers} worker{'s' if workers > 1 else ''}"
                     phase = relay_phase(label, spec(url, headers, relay=True), pids, deliveries)
                     run.phases[label] = phase
@@ -712,10 +751,40 @@ def run_backend(
                             f"  {label}: p99 {percentile(phase.latencies_ms, 0.99):.1f} ms",
                             file=sys.stderr,
                         )
+            # Alternated, twice each: the machine's speed drifts from minute to minute,
+            # and the ratio compares the mean of each.
+            held_runs = list(enumerate((1, 2) * HELD_ROUNDS)) if args.worker_cpu else []
+            for turn, workers in held_runs:
+                share = args.worker_cpu
+                with relay_server(workers) as (url, pid), CpuShares(share, "relay-bench") as held:
+                    for worker in wait_workers(pid, workers):
+                        held.add(worker)
+                    pids = {"relay": pid, "emulator": emulator_pid}
+                    warm_up(url)
+                    label = f"{share_label(workers, share)}, round {turn // 2 + 1}"
+                    before = held.throttling()
+                    phase = relay_phase(label, spec(url, headers, relay=True), pids, deliveries)
+                    phase.throttled = [
+                        now.since(before[worker]).share_throttled
+                        for worker, now in held.throttling().items()
+                    ]
+                    phase.quota_cores = workers * share
+                    run.phases[label] = phase
+                    print(
+                        f"  {label}: {phase.rate:.0f} accepted/s, "
+                        f"{phase.sustained:.0f} sustained/s, throttled in "
+                        + ", ".join(f"{t:.0%}" for t in phase.throttled)
+                        + " of periods",
+                        file=sys.stderr,
+                    )
         finally:
             deliveries.close()
     ceiling("forward", "pass-through ceiling, again")
     return run
+
+
+def mean_sustained(phases: list[Phase]) -> float:
+    return sum(phase.sustained for phase in phases) / len(phases)
 
 
 def total_cpu_ms(phase: Phase) -> float:
@@ -746,7 +815,8 @@ def report(run: BackendRun) -> list[str]:
         f"{'phase':28s} {'offered/s':>9s} {'202/s':>7s} {'in-window':>9s} {'sustained':>9s} "
         f"{'p50 ms':>7s} {'p99 ms':>7s} {'lag p50':>8s} {'lag p99':>8s} {'vs pass':>7s}",
     ]
-    shown = [phases[name] for name in phases if "ceiling" in name] + [one, half, two]
+    held = [phase for phase in phases.values() if phase.quota_cores]
+    shown = [phases[name] for name in phases if "ceiling" in name] + [one, half, two, *held]
     for phase in shown:
         s = phase.summary()
         offered = f"{phase.offered_rate:.0f}" if phase.offered_rate else "closed"
@@ -769,8 +839,26 @@ def report(run: BackendRun) -> list[str]:
         f"sustained / pass-through ceiling: {ratio:.2f} (target >= 0.50: {verdict(ratio >= 0.5)})",
         f"p99 ingest at half the sustained rate: {p99_half:.1f} ms over "
         f"{len(half.latencies_ms)} batches (target < 50 ms: {verdict(p99_half < 50)})",
-        f"2 workers / 1 worker: {scaling:.2f}x (target >= {linear_target:.1f}x on {cores} cores: "
-        f"{verdict(scaling >= linear_target)})",
+    ]
+    if held:
+        held_one = [phase for phase in held if phase.quota_cores == held[0].quota_cores]
+        held_two = [phase for phase in held if phase not in held_one]
+        share = held_one[0].quota_cores or 0.0
+        held_scaling = mean_sustained(held_two) / mean_sustained(held_one)
+        lines.append(
+            f"2 workers / 1 worker, each held to {share:g} core: {held_scaling:.2f}x "
+            f"(target >= {linear_target:.1f}x: {verdict(held_scaling >= linear_target)}); "
+            f"sustained 1 worker {' / '.join(f'{p.sustained:.1f}' for p in held_one)}, "
+            f"2 workers {' / '.join(f'{p.sustained:.1f}' for p in held_two)}; workers "
+            "throttled in "
+            + " / ".join(", ".join(f"{t:.0%}" for t in phase.throttled) for phase in held)
+            + " of periods, machine idle "
+            + " / ".join(f"{phase.idle_share:.0%}" for phase in held)
+        )
+    lines += [
+        f"2 workers / 1 worker, unconstrained: {scaling:.2f}x on {cores} cores shared with the "
+        f"emulator, the load generator and the database (machine idle "
+        f"{one.idle_share:.0%} with one worker)",
         f"read ceiling / pass-through ceiling: {read.rate / forward.rate:.2f}",
         # Load-independent: what the ratio would be if throughput were bound by the CPU
         # that all processes on these cores need per batch.
@@ -815,9 +903,20 @@ def main() -> None:
     )
     parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--profile", type=Path, help="run the one-worker relay under cProfile")
+    parser.add_argument(
+        "--worker-cpu",
+        type=float,
+        default=0.35,
+        metavar="SHARE",
+        help="also run one and two workers each held to SHARE of one core (cgroup v1, root): "
+        "linearity in workers on a machine whose cores the emulator and load generator "
+        "share; 0 skips (default 0.35)",
+    )
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args()
+    if args.worker_cpu and (reason := available()):
+        parser.error(f"--worker-cpu: {reason}; --worker-cpu 0 skips the held-share phases")
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
         args.profile = args.profile.resolve()
