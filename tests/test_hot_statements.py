@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import DBAPIError, StatementError
@@ -299,6 +300,42 @@ async def test_the_driver_recovers_from_connections_the_server_closed(
         await asyncio.sleep(0.05)
     assert outcomes[-1] == "ok", outcomes
     assert set(outcomes) <= {"ok", "dbapi_error"}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgresql"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        asyncpg.InternalClientError(
+            "cannot switch to state 12; another operation (2) is in progress"
+        ),
+        asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        ConnectionResetError(104, "Connection reset by peer"),
+    ],
+    ids=["protocol-mid-operation", "closed-mid-operation", "reset"],
+)
+async def test_a_driver_failure_of_any_kind_is_a_dbapi_error_and_drops_the_connection(
+    engine: AsyncEngine, hot: HotStatements, error: Exception
+) -> None:
+    """What a server closing the connection mid-statement raises, depending on the
+    moment (the first was seen once in the test above): each becomes a DBAPIError
+    (the API answers 503, never 500) and the connection leaves the pool."""
+    assert isinstance(hot, DriverStatements)
+    used: list[object] = []
+
+    async def statement_that_fails() -> None:
+        async with hot._driver("SELECT 1") as driver:
+            used.append(driver)
+            raise error
+
+    with pytest.raises(DBAPIError) as raised:
+        await statement_that_fails()
+    assert raised.value.orig is error
+    assert raised.value.connection_invalidated
+    async with engine.connect() as connection:  # the pool hands out a different one
+        raw = await connection.get_raw_connection()
+        assert raw.driver_connection is not used[0]
 
 
 def _as_mapping(row: Mapping[str, Any]) -> dict[str, Any]:

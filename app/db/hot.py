@@ -297,6 +297,12 @@ def _parameter(json_columns: frozenset[str], name: str, value: Any) -> Any:
     return value
 
 
+# What asyncpg raises for a failed statement or a lost connection. InternalClientError
+# too: a connection the server closed while a statement was being sent can leave the
+# protocol mid-operation ("cannot switch to state …; another operation is in progress").
+_DRIVER_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+
+
 class DriverStatements:
     """The per-batch statements as asyncpg calls on the engine's pooled connections.
 
@@ -310,11 +316,7 @@ class DriverStatements:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._connect_errors = (
-            asyncpg.PostgresError,
-            asyncpg.InterfaceError,
-            engine.dialect.loaded_dbapi.Error,
-        )
+        self._connect_errors = (*_DRIVER_ERRORS, engine.dialect.loaded_dbapi.Error)
 
     @asynccontextmanager
     async def _driver(self, statement: str) -> AsyncIterator[asyncpg.Connection]:
@@ -325,9 +327,14 @@ class DriverStatements:
         driver = cast(asyncpg.Connection, pooled.driver_connection)
         try:
             yield driver
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as error:
-            # An SQL error leaves the connection as it was; anything else may not have.
-            broken = not isinstance(error, asyncpg.PostgresError) or driver.is_closed()
+        except (*_DRIVER_ERRORS, OSError) as error:
+            # An SQL error leaves the connection as it was; anything else may not have,
+            # nor may the connection errors of class 08 that the server sends.
+            broken = (
+                not isinstance(error, asyncpg.PostgresError)
+                or isinstance(error, asyncpg.PostgresConnectionError)
+                or driver.is_closed()
+            )
             if broken:
                 pooled.invalidate(error)
             raise DBAPIError(statement, None, error, connection_invalidated=broken) from error
