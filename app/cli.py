@@ -228,7 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = command("serve", cmd_serve, "Migrate the database, then serve the API and deliver.")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes, each listening on a socket of its own (default 1)",
+    )
     serve.add_argument(
         "--proxy-headers", action="store_true", help="trust X-Forwarded-* from a reverse proxy"
     )
