@@ -701,7 +701,8 @@ def run_backend(
 
         @contextmanager
         def relay_server(workers: int, profile: bool = False) -> Iterator[tuple[str, int]]:
-            """``relay serve --workers N`` on this run's database, warmed up and drained."""
+            """``relay serve --workers N`` on this run's database, once it answers: its
+            ingest URL and pid."""
             relay_port = free_port()
             relay = f"http://127.0.0.1:{relay_port}"
             env = relay_env(database_url, workdir, amazon, relay, admin)

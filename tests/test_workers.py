@@ -13,7 +13,6 @@ import pickle
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, closing, contextmanager
@@ -21,19 +20,13 @@ from pathlib import Path
 
 import psutil
 from e2e_helpers import new_admin_token
+from test_e2e_processes import RELAY, free_port
 
 from app.crypto import new_key_entry
 from app.workers import OwnSocket, reuse_port_socket
 
-RELAY = str(Path(sys.executable).with_name("relay"))
 CONNECTIONS = 16
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_an_own_socket_becomes_a_new_socket_on_the_same_port_wherever_it_is_unpickled() -> None:
