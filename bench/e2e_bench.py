@@ -842,9 +842,9 @@ def report(run: BackendRun) -> list[str]:
         f"{len(half.latencies_ms)} batches (target < 50 ms: {verdict(p99_half < 50)})",
     ]
     if held:
-        held_one = [phase for phase in held if phase.quota_cores == held[0].quota_cores]
-        held_two = [phase for phase in held if phase not in held_one]
-        share = held_one[0].quota_cores or 0.0
+        share = held[0].quota_cores or 0.0  # the first held phase has one worker
+        held_one = [phase for phase in held if phase.quota_cores == share]
+        held_two = [phase for phase in held if phase.quota_cores != share]
         held_scaling = mean_sustained(held_two) / mean_sustained(held_one)
         lines.append(
             f"2 workers / 1 worker, each held to {share:g} core: {held_scaling:.2f}x "
