@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import msgspec
 import orjson
 from fastapi import Depends, Request
 from fastapi.routing import APIRoute
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
-from app import jsonutil
 from app.auth import ADMIN_IDENTITY, admin_token_ok
 from app.errors import PayloadError, RelayError
 from app.runtime import Runtime
@@ -104,31 +104,41 @@ def _no_constant(name: str) -> Any:
     raise PayloadError(f"body is not valid JSON: {name} is not a JSON number")
 
 
+# msgspec rather than orjson: it reads integers beyond 64 bits exactly, so a body
+# need not be scanned for them first (a byte translation that cost a third as much as
+# the decoding itself).
+_FAST_DECODE = msgspec.json.Decoder().decode
+_FAST_ENCODE = msgspec.json.Encoder().encode
 _DECODER = json.JSONDecoder(
     object_pairs_hook=_unique_keys, parse_float=_finite, parse_constant=_no_constant
 )
 
 
 def _fast_strict(body: bytes) -> Any | None:
-    """The document via orjson when that is provably what the exact path would give,
-    else None. orjson refuses invalid UTF-8, NaN/Infinity, 1e999, lone surrogates and
-    deep nesting itself; what it would get wrong is excluded first: integers beyond 64
-    bits (it reads them as floats) and repeated keys (the last one silently wins).
+    """The document via msgspec when that is provably what the exact path would give,
+    else None. msgspec refuses invalid UTF-8, NaN/Infinity, 1e999, integers of more
+    than 4,300 digits and deep nesting itself, and keeps integers beyond 64 bits exact
+    (orjson would read them as floats); what it would still get wrong is excluded:
+    repeated keys (the last one silently wins) and \\u escapes (which could spell one).
 
     A repeated key is found by counting colons: with no \\u escape in the body (which
-    could spell a colon), every colon of the body is a key's or a string's, orjson never
-    escapes one, so re-encoding the decoded value keeps exactly as many colons unless a
-    repeated member (its key's colon at least) was folded away. About 3x faster than
-    the standard library with hooks on a 100-event batch (docs/benchmarks.md).
+    could spell a colon), every colon of the body is a key's or a string's, the encoder
+    never escapes one, so re-encoding the decoded value keeps exactly as many colons
+    unless a repeated member (its key's colon at least) was folded away. About 3x faster
+    than the standard library with hooks on a 100-event batch (docs/benchmarks.md).
     """
     # A lone backslash is one memchr; the two-byte search costs 20 times more.
-    if (b"\\" in body and b"\\u" in body) or jsonutil.may_hold_long_number(body):
+    if b"\\" in body and b"\\u" in body:
         return None
     try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        value = _FAST_DECODE(body)
+        try:
+            text = orjson.dumps(value)  # a third faster than msgspec's encoder
+        except orjson.JSONEncodeError:  # an integer beyond 64 bits, deep nesting
+            text = _FAST_ENCODE(value)
+    except (msgspec.DecodeError, RecursionError):
         return None  # the exact path words the error
-    if orjson.dumps(value).count(b":") != body.count(b":"):
+    if text.count(b":") != body.count(b":"):
         return None  # a repeated key: the exact path names it
     return value
 
