@@ -162,19 +162,30 @@ def add_error_handlers(app: FastAPI) -> None:
         return response
 
 
-def _freeze_startup_objects() -> None:
-    """Move everything alive after start-up (modules, classes, SQLAlchemy's and FastAPI's
-    compiled structures: ~175,000 objects) out of the collector's sight.
+# CPython collects its youngest generation after 700 net allocations of containers. A
+# served process under load keeps some 40,000 young objects alive at any moment (the
+# batches being decoded, mapped, stored and sent), so at 700 its collections ran
+# several times per request, promoted those batches to the older generations and
+# walked them there again: 7.4 % of a worker's CPU at the bench's closed loop
+# (docs/decisions/0019-collector-threshold.md). At 50,000 a young collection is rare,
+# and what it finds has mostly been freed by reference counting already.
+GEN0_THRESHOLD = 50_000
 
-    They live as long as the process; without this, every full collection walks them
-    all again, a pause of 120-230 ms that lands on whatever request is running then (the
-    ingest p99). Collected once first so that start-up garbage is not frozen with them.
-    The collection thresholds stay CPython's: a gen-0 threshold of 50,000 instead of
-    700 saved under 0.1 ms of the ~1.9 ms that decoding and mapping a batch cost, within
-    noise, so it is not worth a setting (docs/decisions/0012-hot-path.md).
+
+def _tune_collector() -> None:
+    """Move everything alive after start-up (modules, classes, SQLAlchemy's and FastAPI's
+    compiled structures: ~175,000 objects) out of the collector's sight, and collect the
+    young generation far less often (``GEN0_THRESHOLD``).
+
+    The start-up objects live as long as the process; without the freeze, every full
+    collection walks them all again, a pause of 120-230 ms that lands on whatever request
+    is running then (the ingest p99). Collected once first so that start-up garbage is not
+    frozen with them (docs/decisions/0012-hot-path.md).
     """
     gc.collect()
     gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GEN0_THRESHOLD, older, oldest)
 
 
 def create_app(settings: Settings | None = None, *, dispatcher: bool = True) -> FastAPI:
@@ -189,7 +200,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: bool = True) -> 
         if settings.admin_token is None:
             log.warning("admin_api_off", hint="set RELAY_ADMIN_TOKEN to use the admin API and /ui/")
         pruning = None
-        _freeze_startup_objects()
+        _tune_collector()
         trimming = asyncio.create_task(memory.trim_forever())
         if dispatcher:
             runtime.dispatcher.start()

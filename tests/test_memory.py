@@ -1,4 +1,5 @@
-"""Freed memory goes back to the operating system (app/memory.py).
+"""Freed memory goes back to the operating system (app/memory.py), and the collector
+leaves a served process's long-lived and young objects alone (app/main.py).
 
 Without ``malloc_trim`` a relay's RSS stays at the highest burst it ever saw: glibc keeps
 freed chunks inside its heap. The test makes such a burst in this process and checks
@@ -9,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
 
 from app import memory
+from app.config import isolated_settings
+from app.main import GEN0_THRESHOLD, create_app
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or memory._glibc() is None,
@@ -60,3 +65,24 @@ async def test_the_relay_trims_once_per_interval(monkeypatch: pytest.MonkeyPatch
     with contextlib.suppress(asyncio.CancelledError):
         await task
     assert 3 <= len(calls) <= 11
+
+
+async def test_a_served_process_freezes_its_start_up_and_collects_young_objects_rarely(
+    tmp_path: Path,
+) -> None:
+    """The lifespan hides start-up objects from the collector and raises the young
+    generation's threshold (app/main.py, decision 0019)."""
+    settings = isolated_settings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}",
+        key_file=tmp_path / "relay.key",
+    )
+    before = gc.get_threshold()
+    gc.set_threshold(700, *before[1:])
+    gc.unfreeze()
+    try:
+        app = create_app(settings, dispatcher=False)
+        async with app.router.lifespan_context(app):
+            assert gc.get_threshold() == (GEN0_THRESHOLD, *before[1:])
+            assert gc.get_freeze_count() > 10_000  # modules, classes, compiled routes
+    finally:
+        gc.set_threshold(*before)
