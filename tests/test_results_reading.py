@@ -172,3 +172,16 @@ def test_the_usual_answer_is_read_without_building_the_echoed_events(
 )
 def test_raw_answers_at_the_edges(raw: bytes, verdict: results.Verdict) -> None:
     assert results.read_answer(207, raw, None, [0]).verdict is verdict
+
+
+def test_accepted_outcomes_are_the_same_values_wherever_the_index_lies() -> None:
+    """Shared instances below the cache's end, fresh ones past it: equal to new ones."""
+    index_map = [0, 1, 9_999, 10_000, 123_456, 5]
+    reading = results.read_answer(
+        207, orjson.dumps({"success": [{"index": i} for i in range(6)]}), None, index_map
+    )
+    assert reading.verdict is results.Verdict.DONE
+    assert reading.results == [results.EventResult(i, ok=True) for i in index_map]
+    assert [r.as_dict() for r in reading.results] == [
+        {"index": i, "status": "ok"} for i in index_map
+    ]

@@ -134,8 +134,25 @@ def read_answer(
     return read_response(status, parse_body(raw), retry_after, index_map)
 
 
+# EventResult(i, ok=True) for every inbound index i seen so far: they are immutable, so
+# one instance serves every delivery (building 100 frozen dataclasses cost more than
+# reading Amazon's answer). Indexes past the cache's end (batches of more than 10,000
+# events) get instances of their own.
+_ACCEPTED: list[EventResult] = []
+_ACCEPTED_CACHED = 10_000
+
+
+def _accepted(index: int) -> EventResult:
+    if 0 <= index < len(_ACCEPTED):
+        return _ACCEPTED[index]
+    if not 0 <= index < _ACCEPTED_CACHED:
+        return EventResult(index, ok=True)
+    _ACCEPTED.extend(EventResult(i, ok=True) for i in range(len(_ACCEPTED), index + 1))
+    return _ACCEPTED[index]
+
+
 def _done(index_map: list[int]) -> Reading:
-    return Reading(Verdict.DONE, results=[EventResult(index, ok=True) for index in index_map])
+    return Reading(Verdict.DONE, results=[_accepted(index) for index in index_map])
 
 
 def read_response(
@@ -196,7 +213,7 @@ def _read_multi_status(body: dict[str, Any], index_map: list[int]) -> Reading:
     for item in body.get("success") or []:
         position = item.get("index") if isinstance(item, dict) else None
         if isinstance(position, int) and 0 <= position < len(index_map):
-            seen[position] = EventResult(index_map[position], ok=True)
+            seen[position] = _accepted(index_map[position])
     for item in body.get("error") or []:
         position = item.get("index") if isinstance(item, dict) else None
         if not isinstance(position, int) or not 0 <= position < len(index_map):
