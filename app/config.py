@@ -21,6 +21,10 @@ Environment = Literal["development", "production"]
 LogFormat = Literal["json", "console"]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./relay.db"
+# 32 was too few on two busy cores: with Amazon (the emulator) slowed by the load, bursts
+# of ingest found every slot taken and their deliveries went through the claim path,
+# which then fell behind (docs/decisions/0020-dispatch-concurrency.md).
+DISPATCH_CONCURRENCY = 64
 
 # Operators paste URLs in the forms their providers give them; the async drivers are
 # the only ones installed, so the plain forms are rewritten rather than refused.
@@ -94,7 +98,12 @@ class Settings(BaseSettings):
     lwa_token_url: str | None = None
     delivery_max_age: int = Field(default=86400, gt=0, description="seconds")
     delivery_lease_seconds: int = Field(default=60, gt=0)
-    # Per process: ingest requests and up to 32 in-flight deliveries share this pool.
+    # Deliveries one process keeps in flight to Amazon at once (its dispatcher's slots).
+    # A process sends at most this many divided by Amazon's latency per second: 64 at
+    # 200 ms is 320 requests/s. Fresh batches are handed to a free slot by the request
+    # that stored them; without one they wait in the queue for the dearer claim path.
+    dispatch_concurrency: int = Field(default=DISPATCH_CONCURRENCY, ge=1, le=1024)
+    # Per process: ingest requests and the in-flight deliveries' outcomes share this pool.
     # Connections past pool_size ("overflow") are closed when returned, and opening one
     # costs PostgreSQL a process and both sides a handshake, far more CPU than the
     # statement it serves. Under a soak at 196 batches/s a pool of 20 + 10 opened 11 new

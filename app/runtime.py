@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.amazon.endpoints import Endpoints
 from app.auth import ConnectionAuthCache, FailedAuthLimiter
-from app.config import Settings
+from app.config import DISPATCH_CONCURRENCY, Settings
 from app.crypto import KeyRing, keyring_from_settings
 from app.db.hot import HotStatements, hot_statements
 from app.db.session import create_autocommit_sessionmaker, create_engine, create_sessionmaker
@@ -21,14 +21,13 @@ from app.delivery.policy import FIRST_DELAY
 from app.http import AiohttpClient, HttpClient, Timeouts
 from app.tokens import TokenService
 
-# Sized for the dispatcher: each in-flight delivery holds one connection to Amazon.
-DISPATCH_CONCURRENCY = 32
 HTTP_TIMEOUTS = Timeouts(connect=5.0, read=30.0, total=60.0)
 
 
 def http_client(
     concurrency: int = DISPATCH_CONCURRENCY, *, timeouts: Timeouts | None = None
 ) -> HttpClient:
+    # Sized for the dispatcher: each in-flight delivery holds one connection to Amazon.
     # A few connections beyond the dispatcher's for token refreshes and OAuth exchanges,
     # so a burst of deliveries never makes a Login with Amazon callback wait for a slot.
     return AiohttpClient(timeouts=timeouts or HTTP_TIMEOUTS, max_connections=concurrency + 8)
@@ -56,7 +55,6 @@ class Runtime:
         cls,
         settings: Settings,
         *,
-        concurrency: int = DISPATCH_CONCURRENCY,
         http_timeouts: Timeouts | None = None,
         first_retry_seconds: float = FIRST_DELAY,
     ) -> Runtime:
@@ -70,6 +68,7 @@ class Runtime:
         sessionmaker = create_sessionmaker(engine)
         autocommit = create_autocommit_sessionmaker(engine)
         hot = hot_statements(engine, autocommit)
+        concurrency = settings.dispatch_concurrency
         http = http_client(concurrency, timeouts=http_timeouts)
         keyring = keyring_from_settings(settings)
         endpoints = Endpoints(

@@ -48,6 +48,7 @@ def test_defaults() -> None:
         7,
     )
     assert settings.key_file == Path("./relay.key")
+    assert (settings.dispatch_concurrency, settings.database_pool_size) == (64, 30)
     assert not settings.is_production
 
 
@@ -135,6 +136,8 @@ def test_production_refusal_from_the_environment(monkeypatch: pytest.MonkeyPatch
         ("public_url", "ftp://relay"),
         ("amazon_api_url", "http://127.0.0.1:9100/adsApi/v1"),
         ("database_url", "mysql://x/y"),
+        ("dispatch_concurrency", 0),
+        ("dispatch_concurrency", 5000),
     ],
 )
 def test_invalid_values_name_the_setting_not_the_value(field: str, value: object) -> None:

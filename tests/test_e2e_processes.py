@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -125,13 +125,15 @@ class Deployment:
         }
 
     @contextmanager
-    def serve(self, *names: str, lease_seconds: int = 60) -> Iterator[list[RelayProcess]]:
+    def serve(
+        self, *names: str, lease_seconds: int = 60, env: Mapping[str, str] | None = None
+    ) -> Iterator[list[RelayProcess]]:
         """One ``relay serve`` per name, started together, each on a free port, until
-        the block ends (then SIGTERM)."""
+        the block ends (then SIGTERM). ``env`` adds settings to every process's."""
         relays: list[RelayProcess] = []
         try:
             for name in names:
-                relays.append(self._spawn(name, lease_seconds))
+                relays.append(self._spawn(name, lease_seconds, env or {}))
             for relay in relays:
                 _wait_healthy(relay)
             yield relays
@@ -139,13 +141,13 @@ class Deployment:
             for relay in relays:
                 relay.stop()
 
-    def _spawn(self, name: str, lease_seconds: int) -> RelayProcess:
+    def _spawn(self, name: str, lease_seconds: int, env: Mapping[str, str]) -> RelayProcess:
         port = free_port()
         log = self.workdir / f"{name}.log"
         with log.open("wb") as sink:
             process = subprocess.Popen(
                 [RELAY, "serve", "--host", "127.0.0.1", "--port", str(port)],
-                env=self.environment(port, lease_seconds),
+                env=self.environment(port, lease_seconds) | dict(env),
                 cwd=self.workdir,  # no stray .env is read
                 stdout=sink,
                 stderr=subprocess.STDOUT,

@@ -21,10 +21,10 @@ from e2e_helpers import (
     sdk_batch,
 )
 
+from app.config import DISPATCH_CONCURRENCY
 from app.db import hot
 from app.db import repository as repo
 from app.delivery import dispatcher as dispatcher_module
-from app.runtime import DISPATCH_CONCURRENCY
 
 
 def test_fresh_deliveries_are_sent_without_a_claim(
@@ -53,17 +53,20 @@ def test_fresh_deliveries_are_sent_without_a_claim(
         assert_exactly_the_accepted_reached_amazon(stack, accepted)
 
 
+@pytest.mark.parametrize("slots", [DISPATCH_CONCURRENCY, 8])  # the default; a setting
 def test_a_dispatcher_far_behind_makes_ingest_answer_503(
-    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slots: int
 ) -> None:
+    """``slots`` deliveries go out at once (RELAY_DISPATCH_CONCURRENCY), the next
+    ``BACKLOG_LIMIT`` wait in the queue, and the one after is refused."""
     backlog_limit = 40
     monkeypatch.setattr(dispatcher_module, "BACKLOG_LIMIT", backlog_limit)
-    with relay_stack(database_url, tmp_path, http_timeout=30) as stack:
+    with relay_stack(database_url, tmp_path, http_timeout=30, dispatch_concurrency=slots) as stack:
         _, conn = stack.ready_output()
         stack.fault({"delay": 5, "count": 1000})  # every slot stays busy for a while
         accepted: set[str] = set()
         codes: list[int] = []
-        for n in range(DISPATCH_CONCURRENCY + backlog_limit + 20):
+        for n in range(slots + backlog_limit + 20):
             batch = sdk_batch([n + 1])
             answer = stack.client.post("/v2/events", json=batch, auth=conn.auth)
             codes.append(answer.status_code)
@@ -73,7 +76,7 @@ def test_a_dispatcher_far_behind_makes_ingest_answer_503(
                 break
             accepted |= accepted_event_ids(batch, answer.json())
         assert codes[-1] == 503
-        assert codes.count(202) == DISPATCH_CONCURRENCY + backlog_limit
+        assert codes.count(202) == slots + backlog_limit
         refused_at = len(codes)
         stored = stack.sql("SELECT COUNT(*) FROM deliveries")[0][0]
         assert stored == refused_at - 1  # the refused batch left nothing behind

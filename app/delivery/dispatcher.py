@@ -49,8 +49,9 @@ log = get_logger(__name__)
 IDLE_POLL_SECONDS = 1.0  # other processes may queue work this one is not told about
 # Backpressure: deliveries this process queued without a free slot, while its claim loop
 # keeps finding more due work than it has slots for. Past this many, ingest answers 503
-# with Retry-After rather than accepting without bound: at the 50-75 deliveries/s one
-# worker sustains (docs/benchmarks.md), that is 15-20 s of work already waiting.
+# with Retry-After rather than accepting without bound: at the 150-270 deliveries/s one
+# worker sustained in the end-to-end bench (docs/benchmarks.md), that is 4-7 s of work
+# already waiting.
 BACKLOG_LIMIT = 1_000
 
 
