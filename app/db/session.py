@@ -75,13 +75,16 @@ def create_engine(
     return engine
 
 
-def create_sqlite_thread_engine(engine: AsyncEngine, busy_timeout_ms: int = 10_000) -> Engine:
+def create_sqlite_thread_engine(
+    engine: AsyncEngine, busy_timeout_ms: int = 10_000, *, autocheckpoint_pages: int | None = None
+) -> Engine:
     """A synchronous engine on ``engine``'s SQLite file, for work done on a thread of its
-    own (``app.db.hot.ThreadStatements``): same pragmas, same JSON writer, one
-    connection (the thread's)."""
+    own (``app.db.hot.ThreadStatements``, ``app.db.checkpoint.Checkpointer``): same
+    pragmas, same JSON writer, one connection (the thread's). ``autocheckpoint_pages``
+    replaces SQLite's 1,000 for a writer whose checkpoints another thread runs."""
     url = engine.url.set(drivername="sqlite")
     sync = create_sync_engine(url, json_serializer=dumps_json, pool_size=1, max_overflow=0)
-    event.listen(sync, "connect", _sqlite_pragmas(busy_timeout_ms))
+    event.listen(sync, "connect", _sqlite_pragmas(busy_timeout_ms, autocheckpoint_pages))
     return sync
 
 
@@ -123,7 +126,7 @@ def _make_parent_directory(url: str) -> None:
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
-def _sqlite_pragmas(busy_timeout_ms: int) -> Any:
+def _sqlite_pragmas(busy_timeout_ms: int, autocheckpoint_pages: int | None = None) -> Any:
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         try:
@@ -132,6 +135,8 @@ def _sqlite_pragmas(busy_timeout_ms: int) -> Any:
             # synchronous stays FULL (SQLite's default): an accepted batch must survive a
             # power loss, not only a process crash.
             cursor.execute("PRAGMA foreign_keys = ON")
+            if autocheckpoint_pages is not None:
+                cursor.execute(f"PRAGMA wal_autocheckpoint = {int(autocheckpoint_pages)}")
         finally:
             cursor.close()
 
