@@ -52,17 +52,9 @@ _STOP: Final = object()
 class GroupedTransactions:
     """Runs ``work(connection)`` calls in shared transactions on one thread."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        *,
-        name: str = "relay-sqlite",
-        after_commit: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, engine: Engine, *, name: str = "relay-sqlite") -> None:
         self._engine = engine
         self._name = name
-        # Told of every transaction that committed (app/db/checkpoint.py), on this thread.
-        self._after_commit = after_commit
         self._queue: queue.SimpleQueue[_Work | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -142,18 +134,12 @@ class GroupedTransactions:
             return
         for work, result in zip(group, results, strict=True):
             work.outcome = (result, None)
-        self._committed()
-
-    def _committed(self) -> None:
-        if self._after_commit is not None:
-            self._after_commit()
 
     def _run_alone(self, work: _Work) -> None:
         self.groups += 1
         try:
             with self._engine.begin() as connection:
                 work.outcome = (work.run(connection), None)
-            self._committed()
         except Exception as error:  # handed to its caller
             work.outcome = (None, error)
         except BaseException as error:  # as in _run_group: the thread goes on

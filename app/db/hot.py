@@ -34,7 +34,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.util import greenlet_spawn
 
 from app.db import repository as repo
-from app.db.checkpoint import BACKSTOP_PAGES, Checkpointer
 from app.db.grouped import GroupedTransactions
 from app.db.models import Connection, DeliveryStatus, DroppedBatch, Output
 from app.db.session import create_sqlite_thread_engine, dumps_json, is_sqlite
@@ -199,7 +198,7 @@ class ThreadStatements:
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self._grouped, self._checkpointer = checkpointed_writer(engine)
+        self._grouped = GroupedTransactions(create_sqlite_thread_engine(engine))
 
     async def connection_with_output(self, key: str) -> tuple[Connection, Output] | None:
         return await self._grouped.run(functools.partial(_read_connection_with_output, key))
@@ -219,15 +218,6 @@ class ThreadStatements:
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self._grouped.close)
-        await asyncio.to_thread(self._checkpointer.close)
-
-
-def checkpointed_writer(engine: AsyncEngine) -> tuple[GroupedTransactions, Checkpointer]:
-    """The thread that writes ``engine``'s SQLite file, and the one that checkpoints its
-    log, so that no commit waits for a checkpoint (app/db/checkpoint.py)."""
-    checkpointer = Checkpointer(create_sqlite_thread_engine(engine))
-    writer = create_sqlite_thread_engine(engine, autocheckpoint_pages=BACKSTOP_PAGES)
-    return GroupedTransactions(writer, after_commit=checkpointer.written), checkpointer
 
 
 Processor = Callable[[Any], Any]

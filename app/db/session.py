@@ -75,16 +75,13 @@ def create_engine(
     return engine
 
 
-def create_sqlite_thread_engine(
-    engine: AsyncEngine, busy_timeout_ms: int = 10_000, *, autocheckpoint_pages: int | None = None
-) -> Engine:
+def create_sqlite_thread_engine(engine: AsyncEngine, busy_timeout_ms: int = 10_000) -> Engine:
     """A synchronous engine on ``engine``'s SQLite file, for work done on a thread of its
-    own (``app.db.hot.ThreadStatements``, ``app.db.checkpoint.Checkpointer``): same
-    pragmas, same JSON writer, one connection (the thread's). ``autocheckpoint_pages``
-    replaces SQLite's 1,000 for a writer whose checkpoints another thread runs."""
+    own (``app.db.hot.ThreadStatements``): same pragmas, same JSON writer, one
+    connection (the thread's)."""
     url = engine.url.set(drivername="sqlite")
     sync = create_sync_engine(url, json_serializer=dumps_json, pool_size=1, max_overflow=0)
-    event.listen(sync, "connect", _sqlite_pragmas(busy_timeout_ms, autocheckpoint_pages))
+    event.listen(sync, "connect", _sqlite_pragmas(busy_timeout_ms))
     return sync
 
 
@@ -126,7 +123,7 @@ def _make_parent_directory(url: str) -> None:
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
-def _sqlite_pragmas(busy_timeout_ms: int, autocheckpoint_pages: int | None = None) -> Any:
+def _sqlite_pragmas(busy_timeout_ms: int) -> Any:
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         try:
@@ -135,8 +132,6 @@ def _sqlite_pragmas(busy_timeout_ms: int, autocheckpoint_pages: int | None = Non
             # synchronous stays FULL (SQLite's default): an accepted batch must survive a
             # power loss, not only a process crash.
             cursor.execute("PRAGMA foreign_keys = ON")
-            if autocheckpoint_pages is not None:
-                cursor.execute(f"PRAGMA wal_autocheckpoint = {int(autocheckpoint_pages)}")
         finally:
             cursor.close()
 
