@@ -119,7 +119,7 @@ def _fast_strict(body: bytes) -> Any | None:
     else None. msgspec refuses invalid UTF-8, NaN/Infinity, 1e999, integers of more
     than 4,300 digits and deep nesting itself, and keeps integers beyond 64 bits exact
     (orjson would read them as floats); what it would still get wrong is excluded:
-    repeated keys (the last one silently wins) and \\u escapes (which could spell one).
+    repeated keys (the last one silently wins) and \\u escapes (which could hide one).
 
     A repeated key is found by counting colons: with no \\u escape in the body (which
     could spell a colon), every colon of the body is a key's or a string's, the encoder
