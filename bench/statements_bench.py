@@ -1,6 +1,9 @@
-"""CPU per call of the three per-batch statements: through an AsyncSession (the
-repository, ``SessionStatements``) and through asyncpg directly (``DriverStatements``),
-on a fresh PostgreSQL database (docs/decisions/0016-hot-statements-through-the-driver.md).
+"""CPU per call of the three per-batch statements, and of the dispatcher's claim of one
+due delivery with its output: through an AsyncSession (the repository,
+``SessionStatements``) and through asyncpg directly (``DriverStatements``), on a fresh
+PostgreSQL database (docs/decisions/0016-hot-statements-through-the-driver.md). The
+claim's session side is what the dispatcher did before it claimed through the driver:
+the repository's claim and the output's read, in one transaction.
 
     .venv/bin/python bench/statements_bench.py [--calls 2000] [--rounds 3]
 
@@ -22,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import make_url
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 # The sibling benchmark's PostgreSQL helpers (this directory is on sys.path when the
 # script runs).
@@ -30,7 +34,7 @@ from upload_bench import POSTGRES_URL, _admin
 from app.db import repository as repo
 from app.db.hot import DriverStatements, HotStatements, SessionStatements
 from app.db.migrate import migrate
-from app.db.models import DeliveryStatus
+from app.db.models import DeliveryStatus, OutputStatus
 from app.db.session import create_autocommit_sessionmaker, create_engine, create_sessionmaker
 
 BODY = b'{"events":[' + b'{"name":"purchase","eventId":"x"},' * 2600 + b"{}]}"  # ~87 KB
@@ -47,9 +51,15 @@ async def _cpu_per_call(calls: int, call: Callable[[], Awaitable[object]]) -> fl
 
 
 async def _measure(
-    hot: HotStatements, calls: int, output_id: str, connection_id: str, key: str
+    side: str,
+    hot: HotStatements,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    calls: int,
+    output_id: str,
+    connection_id: str,
+    key: str,
 ) -> dict[str, float]:
-    """CPU µs per call of each statement on one side: read, insert, outcome."""
+    """CPU µs per call of each statement on one side: read, insert, outcome, claim."""
     now = datetime.now(UTC)
     lease = repo.Lease("bench", now + timedelta(minutes=5), 1)
     inserted: list[str] = []
@@ -75,11 +85,26 @@ async def _measure(
         )
         return await hot.update_held(inserted.pop(), "bench", values)
 
-    return {
+    async def claim() -> object:
+        if side == "driver":
+            return await hot.claim_due("bench", 1, datetime.now(UTC), 300)
+        async with sessionmaker() as session, session.begin():
+            (delivery,) = await repo.claim_due(session, "bench", 1, datetime.now(UTC), 300)
+            return await repo.get_output(session, delivery.output_id)
+
+    measured = {
         "read": await _cpu_per_call(calls, read),
         "insert": await _cpu_per_call(calls, insert),
         "outcome": await _cpu_per_call(calls, outcome),
     }
+    # Due deliveries for every claim (warm-up included), queued unleased.
+    due = [
+        repo.NewDelivery(output_id=output_id, source="mparticle", body=BODY, index_map=[0])
+        for _ in range(calls + 50)
+    ]
+    await hot.insert_deliveries(repo.delivery_rows(due, now=now - timedelta(seconds=1)))
+    measured["claim"] = await _cpu_per_call(calls, claim)
+    return measured
 
 
 async def run(calls: int, rounds: int) -> None:
@@ -92,6 +117,8 @@ async def run(calls: int, rounds: int) -> None:
         sessionmaker = create_sessionmaker(engine)
         async with sessionmaker() as session, session.begin():
             output = await repo.create_output(session, name="Bench", advertiser_id="1")
+            # Logged in: only a configured output's deliveries are claimed.
+            await repo.set_status(session, output.id, OutputStatus.CONFIGURED)
             created = await repo.create_connection(
                 session, output_id=output.id, source="mparticle", name="bench"
             )
@@ -104,7 +131,9 @@ async def run(calls: int, rounds: int) -> None:
         for round_number in range(rounds):
             order = list(sides) if round_number % 2 == 0 else list(reversed(sides))
             for side in order:
-                measured = await _measure(sides[side], calls, output.id, connection_id, key)
+                measured = await _measure(
+                    side, sides[side], sessionmaker, calls, output.id, connection_id, key
+                )
                 for label, per_call in measured.items():
                     figures.setdefault((label, side), []).append(per_call)
         print(
@@ -114,16 +143,18 @@ async def run(calls: int, rounds: int) -> None:
         )
         print(f"{'statement':10s} {'session':>9s} {'driver':>9s} {'driver/session':>15s}")
         total = {"session": 0.0, "driver": 0.0}
-        for label in ("read", "insert", "outcome"):
+        for label in ("read", "insert", "outcome", "claim"):
             session_us = statistics.median(figures[(label, "session")])
             driver_us = statistics.median(figures[(label, "driver")])
-            total["session"] += session_us
-            total["driver"] += driver_us
+            if label != "claim":  # a batch handed to a free slot is never claimed
+                total["session"] += session_us
+                total["driver"] += driver_us
             print(f"{label:10s} {session_us:9.0f} {driver_us:9.0f} {driver_us / session_us:15.2f}")
-        print(
-            f"{'per batch':10s} {total['session']:9.0f} {total['driver']:9.0f} "
-            f"{total['driver'] / total['session']:15.2f}"
-        )
+            if label == "outcome":
+                print(
+                    f"{'per batch':10s} {total['session']:9.0f} {total['driver']:9.0f} "
+                    f"{total['driver'] / total['session']:15.2f}"
+                )
     finally:
         await engine.dispose()
         await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -6,6 +6,7 @@ transactions, so every column they read or write is compared with the ORM's own.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -25,7 +26,14 @@ from app.db.hot import (
     ThreadStatements,
     hot_statements,
 )
-from app.db.models import Connection, Delivery, DeliveryStatus, DroppedBatch, Output
+from app.db.models import (
+    Connection,
+    Delivery,
+    DeliveryStatus,
+    DroppedBatch,
+    Output,
+    OutputStatus,
+)
 from app.db.session import create_autocommit_sessionmaker
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -232,6 +240,170 @@ async def test_an_outcome_is_written_as_complete_writes_it_and_only_by_the_holde
     assert not await hot.update_held(mine, "worker-1", values)
 
 
+# --- Claims ---------------------------------------------------------------------------
+
+SECOND = timedelta(seconds=1)
+# The due deliveries of _claim_scene, oldest due first.
+DUE_IN_ORDER = ["expired", "early", "other", "late"]
+
+
+async def _live_output(
+    session: AsyncSession, status: OutputStatus = OutputStatus.CONFIGURED
+) -> Output:
+    output = await repo.create_output(
+        session,
+        name="Shop ✓",
+        advertiser_id="123456",
+        now=T0,
+        conversion_rules=[{"event_name": "buy", "conversion": "PURCHASE", "n": 2**66}],
+    )
+    await repo.set_status(session, output.id, status, now=T0)
+    return output
+
+
+def _one(output: Output, n: int = 1) -> list[repo.NewDelivery]:
+    return [
+        repo.NewDelivery(
+            output_id=output.id,
+            source="mparticle",
+            body=b'{"events":[{"eventId":"%d\\u00e9"}]}\x00\xff' % i,
+            index_map=[i, 2**65],
+            dropped=AWKWARD_DROPS,
+        )
+        for i in range(n)
+    ]
+
+
+async def _claim_scene(sessionmaker: async_sessionmaker[AsyncSession]) -> dict[str, str]:
+    """Deliveries in every state a claim must tell apart, by name; claims run at T0."""
+    async with sessionmaker.begin() as session:
+        live = await _live_output(session)
+        other = await _live_output(session)
+        reauth = await _live_output(session, OutputStatus.NEEDS_REAUTH)
+        disabled = await _live_output(session)
+        await repo.update_output(session, disabled.id, {"enabled": False})
+        at = {
+            "late": (live, T0 - timedelta(seconds=1), None),
+            "early": (live, T0 - timedelta(seconds=20), None),
+            "other": (other, T0 - timedelta(seconds=10), None),
+            "future": (live, T0 + timedelta(seconds=1), None),
+            "expired": (live, T0 - timedelta(seconds=30), repo.Lease("dead", T0, 1)),
+            "held": (
+                live,
+                T0 - timedelta(seconds=40),
+                repo.Lease("alive", T0 + timedelta(seconds=30), 1),
+            ),
+            "reauth": (reauth, T0 - timedelta(seconds=50), None),
+            "disabled": (disabled, T0 - timedelta(seconds=50), None),
+        }
+        ids = {}
+        for name, (output, queued, lease) in at.items():
+            (ids[name],) = await repo.insert_deliveries(
+                session, _one(output), now=queued, lease=lease
+            )
+    return ids
+
+
+@pytest.mark.parametrize("side", ["hot", "sessions"])
+async def test_a_claim_is_the_repository_s_claim(
+    engine: AsyncEngine,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    hot: HotStatements,
+    side: str,
+) -> None:
+    """Due (pending and due, or leased by a process whose lease ran out) and of a live
+    output (enabled, logged in): claimed oldest due first, each column as the ORM's own
+    claim leaves it, with its output as the ORM reads it. The same through the backend's
+    own statements and through autocommit sessions (in-memory SQLite's)."""
+    if side == "sessions":
+        hot = SessionStatements(create_autocommit_sessionmaker(engine))
+    ids = await _claim_scene(sessionmaker)
+    names = {i: name for name, i in ids.items()}
+    async with sessionmaker() as session:
+        by_session = await repo.claim_due(session, "worker-1", 10, T0, 60)
+        expected = [_columns(d) for d in by_session]
+        await session.rollback()
+    claimed = await hot.claim_due("worker-1", 10, T0, 60)
+    assert [names[d.id] for d, _ in claimed] == DUE_IN_ORDER
+    assert [_columns(d) for d, _ in claimed] == expected
+    for delivery, _ in claimed:
+        assert delivery.status == DeliveryStatus.IN_FLIGHT
+        assert delivery.leased_by == "worker-1"
+        assert delivery.lease_expires_at == T0 + timedelta(seconds=60)
+        assert delivery.updated_at == T0
+        assert delivery.attempts == (2 if names[delivery.id] == "expired" else 1)
+        assert delivery.index_map == [0, 2**65]
+        assert delivery.dropped == AWKWARD_DROPS
+    # What the claim returned is what it stored.
+    stored = {row["id"]: row for row in await _stored(sessionmaker, [d.id for d, _ in claimed])}
+    assert all(_columns(d) == stored[d.id] for d, _ in claimed)
+    async with sessionmaker() as session:
+        for delivery, output in claimed:
+            read = await repo.get_output(session, delivery.output_id)
+            assert read is not None
+            assert _columns(output) == _columns(read)
+    # One Output object per output.
+    outputs = {d.output_id: o for d, o in claimed}
+    assert all(o is outputs[d.output_id] for d, o in claimed)
+    # Nothing else is due now; the future one is once its time comes.
+    assert await hot.claim_due("worker-2", 10, T0, 60) == []
+    (later,) = await hot.claim_due("worker-2", 10, T0 + SECOND, 60)
+    assert names[later[0].id] == "future"
+
+
+async def test_a_claim_takes_at_most_its_limit_oldest_first(
+    sessionmaker: async_sessionmaker[AsyncSession], hot: HotStatements
+) -> None:
+    ids = await _claim_scene(sessionmaker)
+    names = {i: name for name, i in ids.items()}
+    assert await hot.claim_due("w", 0, T0, 60) == []
+    taken = []
+    for _ in range(len(DUE_IN_ORDER)):
+        (pair,) = await hot.claim_due("w", 1, T0, 60)
+        taken.append(names[pair[0].id])
+    assert taken == DUE_IN_ORDER
+    assert await hot.claim_due("w", 1, T0, 60) == []
+
+
+async def test_concurrent_claims_never_share_a_delivery(
+    sessionmaker: async_sessionmaker[AsyncSession], hot: HotStatements
+) -> None:
+    async with sessionmaker.begin() as session:
+        output = await _live_output(session)
+        ids = await repo.insert_deliveries(session, _one(output, 40), now=T0)
+
+    async def claimer(worker: str) -> list[str]:
+        got: list[str] = []
+        while batch := await hot.claim_due(worker, 3, T0, 60):
+            got += [d.id for d, _ in batch]
+        return got
+
+    results = await asyncio.gather(*(claimer(f"w{n}") for n in range(4)))
+    claimed = [i for result in results for i in result]
+    assert len(claimed) == len(set(claimed)), "a delivery was claimed twice"
+    assert sorted(claimed) == sorted(ids)
+    rows = await _stored(sessionmaker, ids)
+    assert {row["attempts"] for row in rows} == {1}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_a_claim_skips_rows_another_claim_holds_uncommitted(
+    sessionmaker: async_sessionmaker[AsyncSession], hot: HotStatements
+) -> None:
+    """Another process's claim, not yet committed, does not make this one wait, and the
+    two share nothing."""
+    async with sessionmaker.begin() as session:
+        output = await _live_output(session)
+        await repo.insert_deliveries(session, _one(output, 4), now=T0)
+    async with sessionmaker() as first:
+        mine = await repo.claim_due(first, "w1", 2, T0, 60)
+        theirs = await asyncio.wait_for(hot.claim_due("w2", 10, T0, 60), timeout=5)
+        assert len(mine) == len(theirs) == 2
+        assert not {d.id for d in mine} & {d.id for d, _ in theirs}
+        await first.commit()
+
+
 async def test_a_naive_time_is_refused(
     sessionmaker: async_sessionmaker[AsyncSession], hot: HotStatements
 ) -> None:
@@ -350,6 +522,8 @@ def test_the_hot_statements_cover_every_column() -> None:
     read = hot._CONNECTION_WITH_OUTPUT
     for column in (*Connection.__table__.columns, *Output.__table__.columns):
         assert f".{column.name}" in read
+    for column in (*Delivery.__table__.columns, *Output.__table__.columns):
+        assert f".{column.name}" in hot._CLAIM
     output = Output(id="out_x")
     rows = repo.delivery_rows(
         [repo.NewDelivery(output_id=output.id, source="mparticle", body=b"", index_map=[0])],

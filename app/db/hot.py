@@ -22,12 +22,12 @@ import asyncio
 import functools
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any, Final, Protocol, cast
 
 import asyncpg
-from sqlalchemy import JSON, Dialect, Table
+from sqlalchemy import JSON, Dialect, Table, select
 from sqlalchemy import Connection as SyncConnection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -35,8 +35,11 @@ from sqlalchemy.util import greenlet_spawn
 
 from app.db import repository as repo
 from app.db.grouped import GroupedTransactions
-from app.db.models import Connection, DeliveryStatus, DroppedBatch, Output
+from app.db.models import Connection, Delivery, DeliveryStatus, DroppedBatch, Output, OutputStatus
 from app.db.session import create_sqlite_thread_engine, dumps_json, is_sqlite
+
+# A claimed delivery and the output it goes to (one Output object per output).
+Claimed = tuple[Delivery, Output]
 
 
 class BatchWriter(Protocol):
@@ -56,6 +59,10 @@ class HotStatements(BatchWriter, Protocol):
     async def update_held(
         self, delivery_id: str, worker_id: str, values: Mapping[str, Any]
     ) -> bool: ...
+
+    async def claim_due(
+        self, worker_id: str, limit: int, now: datetime, lease_seconds: float
+    ) -> list[Claimed]: ...
 
     async def aclose(self) -> None: ...
 
@@ -109,6 +116,18 @@ class SessionStatements:
         async with self._autocommit() as session, session.begin():
             return await repo.update_held(session, delivery_id, worker_id, values)
 
+    async def claim_due(
+        self, worker_id: str, limit: int, now: datetime, lease_seconds: float
+    ) -> list[Claimed]:
+        async with self._autocommit() as session, session.begin():
+            deliveries = await repo.claim_due(session, worker_id, limit, now, lease_seconds)
+            outputs: dict[str, Output] = {}
+            for output_id in {d.output_id for d in deliveries}:
+                output = await repo.get_output(session, output_id)
+                if output is not None:
+                    outputs[output_id] = output
+        return [(d, outputs[d.output_id]) for d in deliveries if d.output_id in outputs]
+
     async def aclose(self) -> None:
         """The sessions' engine is the caller's to dispose of."""
 
@@ -121,6 +140,7 @@ _DROPPED: Final = cast(Table, DroppedBatch.__table__)
 # Attribute names in table order (they equal the column names; models.py).
 _CONNECTION_FIELDS: Final = tuple(column.key for column in _CONNECTIONS.columns)
 _OUTPUT_FIELDS: Final = tuple(column.key for column in _OUTPUTS.columns)
+_DELIVERY_FIELDS: Final = tuple(column.key for column in repo.DELIVERIES.columns)
 _JSON_COLUMNS: Final = {
     table.name: frozenset(c.name for c in table.columns if isinstance(c.type, JSON))
     for table in (repo.DELIVERIES, _DROPPED)
@@ -181,6 +201,44 @@ def _update_held_sql(columns: tuple[str, ...], style: str) -> str:
     )
 
 
+def _claim_sql() -> str:
+    """repository.claim_statement on PostgreSQL, returning each claimed delivery with its
+    output's row: the claim and the outputs it needs in one round trip, no transaction.
+    $1 pending, $2 in_flight, $3 configured, $4 now, $5 limit, $6 worker, $7 lease end."""
+    returned = [f"d.{name}" for name in _DELIVERY_FIELDS] + [f"o.{name}" for name in _OUTPUT_FIELDS]
+    return (
+        "WITH picked AS ("  # noqa: S608 - every name is the tables' own
+        "SELECT d.id FROM deliveries AS d JOIN outputs AS o ON o.id = d.output_id "
+        "WHERE ((d.status = $1 AND d.next_attempt_at <= $4) "
+        "OR (d.status = $2 AND d.lease_expires_at <= $4)) "
+        "AND o.enabled IS true AND o.status = $3 "
+        "ORDER BY d.next_attempt_at, d.id LIMIT $5 FOR UPDATE OF d SKIP LOCKED) "
+        "UPDATE deliveries AS d SET status = $2, leased_by = $6, lease_expires_at = $7, "
+        "attempts = d.attempts + 1, updated_at = $4 "
+        "FROM picked, outputs AS o WHERE d.id = picked.id AND o.id = d.output_id "
+        f"RETURNING {', '.join(returned)}"
+    )
+
+
+_CLAIM: Final = _claim_sql()
+
+
+def _claimed(rows: Sequence[Sequence[Any]]) -> list[Claimed]:
+    """Deliveries and their outputs from rows of ``_CLAIM``, oldest due first; one
+    Output object per output."""
+    split = len(_DELIVERY_FIELDS)
+    outputs: dict[str, Output] = {}
+    claimed: list[Claimed] = []
+    for values in rows:
+        delivery = Delivery(**dict(zip(_DELIVERY_FIELDS, values[:split], strict=True)))
+        output = outputs.get(delivery.output_id)
+        if output is None:
+            output = Output(**dict(zip(_OUTPUT_FIELDS, values[split:], strict=True)))
+            outputs[output.id] = output
+        claimed.append((delivery, output))
+    return sorted(claimed, key=lambda pair: repo.by_due(pair[0]))
+
+
 # --- SQLite on a thread of its own ---------------------------------------------------------
 
 
@@ -215,6 +273,14 @@ class ThreadStatements:
     ) -> bool:
         update = functools.partial(_update_held, delivery_id, worker_id, dict(values))
         return await self._grouped.run(update)
+
+    async def claim_due(
+        self, worker_id: str, limit: int, now: datetime, lease_seconds: float
+    ) -> list[Claimed]:
+        if limit <= 0:
+            return []
+        claim = functools.partial(_claim_due, worker_id, limit, now, lease_seconds)
+        return await self._grouped.run(claim)
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self._grouped.close)
@@ -277,6 +343,26 @@ def _update_held(
     parameters = _bound(processors, [*(values[name] for name in columns), *lease])
     result = connection.exec_driver_sql(_update_held_sql(columns, _IN_ORDER), parameters)
     return bool(result.rowcount == 1)
+
+
+def _claim_due(
+    worker_id: str, limit: int, now: datetime, lease_seconds: float, connection: SyncConnection
+) -> list[Claimed]:
+    """The claim and then its outputs, in the group's transaction (SQLite's RETURNING
+    cannot name another table's columns)."""
+    statement = repo.claim_statement(worker_id, limit, now, lease_seconds, skip_locked=False)
+    rows = connection.execute(statement.returning(*repo.DELIVERIES.columns)).all()
+    if not rows:
+        return []
+    output_ids = {row.output_id for row in rows}
+    found = connection.execute(select(_OUTPUTS).where(_OUTPUTS.c.id.in_(output_ids))).all()
+    outputs = {row.id: Output(**row._asdict()) for row in found}
+    claimed = [
+        (Delivery(**row._asdict()), outputs[row.output_id])
+        for row in rows
+        if row.output_id in outputs
+    ]
+    return sorted(claimed, key=lambda pair: repo.by_due(pair[0]))
 
 
 # --- PostgreSQL through asyncpg -----------------------------------------------------------
@@ -378,6 +464,27 @@ class DriverStatements:
         async with self._driver(sql) as driver:
             status = await driver.execute(sql, *arguments, delivery_id, held, worker_id)
         return bool(status == "UPDATE 1")
+
+    async def claim_due(
+        self, worker_id: str, limit: int, now: datetime, lease_seconds: float
+    ) -> list[Claimed]:
+        if limit <= 0:
+            return []
+        lease_end = now + timedelta(seconds=lease_seconds)
+        if now.tzinfo is None:
+            raise ValueError("naive datetime: pass an aware (UTC) datetime")
+        async with self._driver(_CLAIM) as driver:
+            rows = await driver.fetch(
+                _CLAIM,
+                DeliveryStatus.PENDING.value,
+                DeliveryStatus.IN_FLIGHT.value,
+                OutputStatus.CONFIGURED.value,
+                now,
+                limit,
+                worker_id,
+                lease_end,
+            )
+        return _claimed([list(row.values()) for row in rows])
 
     async def aclose(self) -> None:
         """The pool is the engine's, disposed of with it."""

@@ -19,6 +19,7 @@ from sqlalchemy import (
     CursorResult,
     Select,
     Table,
+    Update,
     and_,
     bindparam,
     case,
@@ -653,6 +654,38 @@ def _claimable(now: datetime) -> Select[str]:
     )
 
 
+def claim_statement(
+    worker_id: str, limit: int, now: datetime, lease_seconds: float, *, skip_locked: bool
+) -> Update:
+    """The UPDATE that claims up to ``limit`` due deliveries for ``worker_id`` (in_flight,
+    leased, attempts + 1), without its RETURNING: one statement, atomic by itself.
+
+    ``skip_locked`` (PostgreSQL): concurrent claimers in other processes each get
+    different rows. It picks in a CTE, not in ``IN (subquery)``: PostgreSQL evaluates a
+    locking CTE exactly once, while a plan may scan a subquery again, and each scan that
+    skips locked rows can pick others (more than ``limit`` claimed). SQLite has one
+    writer: the UPDATE picks and claims under the write lock, so no other connection can
+    claim the same rows between the pick and the write.
+    """
+    picking = _claimable(now).limit(limit)
+    if skip_locked:
+        picked = picking.with_for_update(skip_locked=True, of=Delivery).cte("picked")
+        target = Delivery.id == picked.c.id
+    else:
+        target = Delivery.id.in_(picking.correlate(None).scalar_subquery())
+    return (
+        update(Delivery)
+        .where(target)
+        .values(
+            status=DeliveryStatus.IN_FLIGHT,
+            leased_by=worker_id,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            attempts=Delivery.attempts + 1,
+            updated_at=now,
+        )
+    )
+
+
 async def claim_due(
     session: AsyncSession,
     worker_id: str,
@@ -660,39 +693,30 @@ async def claim_due(
     now: datetime,
     lease_seconds: float,
 ) -> list[Delivery]:
-    """Claim up to ``limit`` due deliveries for ``worker_id``: in_flight, leased, attempts + 1.
+    """Claim up to ``limit`` due deliveries for ``worker_id`` (``claim_statement``),
+    oldest due first.
 
-    Commit right after, and send outside the transaction: the lease, not a row lock,
-    protects the claim while the request is in flight. Outputs that are disabled or not
-    ``configured`` (needs_login, needs_reauth) keep their deliveries waiting.
+    Send outside any transaction: the lease, not a row lock, protects the claim while
+    the request is in flight. Outputs that are disabled or not ``configured``
+    (needs_login, needs_reauth) keep their deliveries waiting. The runtime claims
+    through ``app.db.hot`` (the same statement through the driver on PostgreSQL); tests
+    hold the two to each other.
     """
     if limit <= 0:
         return []
-    claim = {
-        "status": DeliveryStatus.IN_FLIGHT,
-        "leased_by": worker_id,
-        "lease_expires_at": now + timedelta(seconds=lease_seconds),
-        "attempts": Delivery.attempts + 1,
-        "updated_at": now,
-    }
-    if _is_postgres(session):
-        # SKIP LOCKED: concurrent claimers in other processes each get different rows.
-        locked = await session.scalars(
-            _claimable(now).limit(limit).with_for_update(skip_locked=True, of=Delivery)
-        )
-        ids = list(locked)
-        if not ids:
-            return []
-        target = Delivery.id.in_(ids)
-    else:
-        # SQLite has one writer: a single UPDATE picks and claims under the write lock,
-        # so no other connection can claim the same rows between the pick and the write.
-        target = Delivery.id.in_(_claimable(now).limit(limit).correlate(None).scalar_subquery())
+    statement = claim_statement(
+        worker_id, limit, now, lease_seconds, skip_locked=_is_postgres(session)
+    )
     result = await session.scalars(
-        update(Delivery).where(target).values(claim).returning(Delivery),
+        statement.returning(Delivery),
         execution_options={"populate_existing": True, "synchronize_session": False},
     )
-    return sorted(result, key=lambda d: (d.next_attempt_at, d.id))
+    return sorted(result, key=by_due)
+
+
+def by_due(delivery: Delivery) -> tuple[datetime, str]:
+    """The order deliveries are claimed in: oldest due first, then by id."""
+    return (delivery.next_attempt_at, delivery.id)
 
 
 async def next_due_at(session: AsyncSession) -> datetime | None:

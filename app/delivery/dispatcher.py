@@ -37,7 +37,7 @@ from app.amazon.results import Reading, Verdict, read_answer
 from app.crypto import SecretText
 from app.db import repository as repo
 from app.db.base import utcnow
-from app.db.hot import HotStatements, SessionStatements
+from app.db.hot import Claimed, HotStatements, SessionStatements
 from app.db.models import Delivery, DeliveryStatus, Output, OutputStatus
 from app.delivery.policy import FIRST_DELAY, MAX_DELAY, backoff_seconds
 from app.http import HttpClient
@@ -236,28 +236,22 @@ class Dispatcher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=max(delay, 0.005))
 
-    async def _claim(self) -> list[tuple[Delivery, Output]]:
+    async def _claim(self) -> list[Claimed]:
         free = self._config.concurrency - len(self._in_flight) - self._reserved
         if free <= 0:  # _run waits for a free slot first; this only guards the arithmetic
             return []
-        async with self._sessionmaker() as session, session.begin():
-            now = self._clock()
-            deliveries = await repo.claim_due(
-                session, self.worker_id, free, now, self._config.lease_seconds
-            )
-            # An estimate, corrected by every claim: one that found less than it could
-            # take means no due work is waiting (other processes may have taken ours).
-            if len(deliveries) < free:
-                self._backlog = 0
-            else:
-                self._backlog = max(0, self._backlog - len(deliveries))
-            outputs: dict[str, Output] = {}
-            for delivery in deliveries:
-                if delivery.output_id not in outputs:
-                    output = await repo.get_output(session, delivery.output_id)
-                    if output is not None:
-                        outputs[output.id] = output
-        return [(d, outputs[d.output_id]) for d in deliveries if d.output_id in outputs]
+        # One statement with the outputs it needs (app/db/hot.py): on PostgreSQL one
+        # round trip, where a session took five (BEGIN, pick, claim, output, COMMIT).
+        claimed = await self._statements.claim_due(
+            self.worker_id, free, self._clock(), self._config.lease_seconds
+        )
+        # An estimate, corrected by every claim: one that found less than it could
+        # take means no due work is waiting (other processes may have taken ours).
+        if len(claimed) < free:
+            self._backlog = 0
+        else:
+            self._backlog = max(0, self._backlog - len(claimed))
+        return claimed
 
     # --- one delivery ------------------------------------------------------------------
 
