@@ -97,12 +97,18 @@ async def _measure(
         "insert": await _cpu_per_call(calls, insert),
         "outcome": await _cpu_per_call(calls, outcome),
     }
-    # Due deliveries for every claim (warm-up included), queued unleased.
+    # Due deliveries for every claim (warm-up included), queued unleased, each by a
+    # request of its own (a moment apart), as a queue that builds up under load.
     due = [
         repo.NewDelivery(output_id=output_id, source="mparticle", body=BODY, index_map=[0])
         for _ in range(calls + 50)
     ]
-    await hot.insert_deliveries(repo.delivery_rows(due, now=now - timedelta(seconds=1)))
+    queued = repo.delivery_rows(due, now=now - timedelta(minutes=1))
+    for position, row in enumerate(queued):
+        row["next_attempt_at"] = row["queued_at"] = now - timedelta(
+            minutes=1, seconds=-position / 100
+        )
+    await hot.insert_deliveries(queued)
     measured["claim"] = await _cpu_per_call(calls, claim)
     return measured
 

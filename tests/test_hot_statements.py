@@ -244,7 +244,7 @@ async def test_an_outcome_is_written_as_complete_writes_it_and_only_by_the_holde
 
 SECOND = timedelta(seconds=1)
 # The due deliveries of _claim_scene, oldest due first.
-DUE_IN_ORDER = ["expired", "early", "other", "late"]
+DUE_IN_ORDER = ["early", "expired", "other", "late"]
 
 
 async def _live_output(
@@ -287,7 +287,7 @@ async def _claim_scene(sessionmaker: async_sessionmaker[AsyncSession]) -> dict[s
             "early": (live, T0 - timedelta(seconds=20), None),
             "other": (other, T0 - timedelta(seconds=10), None),
             "future": (live, T0 + timedelta(seconds=1), None),
-            "expired": (live, T0 - timedelta(seconds=30), repo.Lease("dead", T0, 1)),
+            "expired": (live, T0 - timedelta(seconds=15), repo.Lease("dead", T0, 1)),
             "held": (
                 live,
                 T0 - timedelta(seconds=40),

@@ -205,14 +205,22 @@ def _claim_sql() -> str:
     """repository.claim_statement on PostgreSQL, returning each claimed delivery with its
     output's row: the claim and the outputs it needs in one round trip, no transaction.
     $1 pending, $2 in_flight, $3 configured, $4 now, $5 limit, $6 worker, $7 lease end."""
+
+    def due(condition: str) -> str:
+        return (
+            "SELECT d.id, d.next_attempt_at "  # noqa: S608 - every name is the tables' own
+            "FROM deliveries AS d JOIN outputs AS o ON o.id = d.output_id "
+            f"WHERE {condition} AND o.enabled IS true AND o.status = $3 "
+            "ORDER BY d.next_attempt_at, d.id LIMIT $5 FOR UPDATE OF d SKIP LOCKED"
+        )
+
     returned = [f"d.{name}" for name in _DELIVERY_FIELDS] + [f"o.{name}" for name in _OUTPUT_FIELDS]
     return (
-        "WITH picked AS ("  # noqa: S608 - every name is the tables' own
-        "SELECT d.id FROM deliveries AS d JOIN outputs AS o ON o.id = d.output_id "
-        "WHERE ((d.status = $1 AND d.next_attempt_at <= $4) "
-        "OR (d.status = $2 AND d.lease_expires_at <= $4)) "
-        "AND o.enabled IS true AND o.status = $3 "
-        "ORDER BY d.next_attempt_at, d.id LIMIT $5 FOR UPDATE OF d SKIP LOCKED) "
+        f"WITH waiting AS ({due('d.status = $1 AND d.next_attempt_at <= $4')}), "  # noqa: S608
+        f"orphaned AS ({due('d.status = $2 AND d.lease_expires_at <= $4')}), "
+        "picked AS (SELECT id FROM (SELECT id, next_attempt_at FROM waiting "
+        "UNION ALL SELECT id, next_attempt_at FROM orphaned) AS due "
+        "ORDER BY next_attempt_at, id LIMIT $5) "
         "UPDATE deliveries AS d SET status = $2, leased_by = $6, lease_expires_at = $7, "
         "attempts = d.attempts + 1, updated_at = $4 "
         "FROM picked, outputs AS o WHERE d.id = picked.id AND o.id = d.output_id "

@@ -17,6 +17,7 @@ from typing import Any, Final, cast
 
 from sqlalchemy import (
     CursorResult,
+    FromClause,
     Select,
     Table,
     Update,
@@ -29,6 +30,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -639,17 +641,13 @@ async def insert_rows(session: AsyncSession, rows: Sequence[Mapping[str, Any]]) 
         await session.execute(insert(DELIVERIES), list(rows))
 
 
-def _claimable(now: datetime) -> Select[str]:
-    """Ids of due deliveries whose output may send: enabled and logged in."""
-    due = or_(
-        and_(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= now),
-        # A claim whose process died: the lease ran out, so it is due again.
-        and_(Delivery.status == DeliveryStatus.IN_FLIGHT, Delivery.lease_expires_at <= now),
-    )
+def _due(condition: Any) -> Select[str, datetime]:
+    """Deliveries meeting ``condition`` whose output may send (enabled and logged in),
+    oldest due first."""
     return (
-        select(Delivery.id)
+        select(Delivery.id, Delivery.next_attempt_at)
         .join(Output, Output.id == Delivery.output_id)
-        .where(due, Output.enabled.is_(True), Output.status == OutputStatus.CONFIGURED)
+        .where(condition, Output.enabled.is_(True), Output.status == OutputStatus.CONFIGURED)
         .order_by(Delivery.next_attempt_at, Delivery.id)
     )
 
@@ -658,21 +656,47 @@ def claim_statement(
     worker_id: str, limit: int, now: datetime, lease_seconds: float, *, skip_locked: bool
 ) -> Update:
     """The UPDATE that claims up to ``limit`` due deliveries for ``worker_id`` (in_flight,
-    leased, attempts + 1), without its RETURNING: one statement, atomic by itself.
+    leased, attempts + 1), oldest due first, without its RETURNING: one statement,
+    atomic by itself.
+
+    Due is pending and past ``next_attempt_at``, or in flight with a lease that ran out
+    (the claim of a process that died). Each kind is picked by itself, in the order of
+    the ``(status, next_attempt_at)`` index, so a claim reads about ``limit`` rows of
+    each, not the whole queue (picking both at once with an OR read and sorted every
+    queued row: 1 ms per claim with 1,500 queued); the oldest ``limit`` of the two are
+    claimed.
 
     ``skip_locked`` (PostgreSQL): concurrent claimers in other processes each get
-    different rows. It picks in a CTE, not in ``IN (subquery)``: PostgreSQL evaluates a
-    locking CTE exactly once, while a plan may scan a subquery again, and each scan that
-    skips locked rows can pick others (more than ``limit`` claimed). SQLite has one
-    writer: the UPDATE picks and claims under the write lock, so no other connection can
-    claim the same rows between the pick and the write.
+    different rows. The picks are CTEs: PostgreSQL runs a locking CTE exactly once,
+    while a plan may scan a subquery again, and each scan that skips locked rows can
+    pick others (more than ``limit`` claimed). SQLite has one writer: the UPDATE picks
+    and claims under the write lock, so no other connection can claim the same rows
+    between the pick and the write.
     """
-    picking = _claimable(now).limit(limit)
+    kinds = {
+        "waiting": and_(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= now),
+        "orphaned": and_(
+            Delivery.status == DeliveryStatus.IN_FLIGHT, Delivery.lease_expires_at <= now
+        ),
+    }
+    picks: list[FromClause]
     if skip_locked:
-        picked = picking.with_for_update(skip_locked=True, of=Delivery).cte("picked")
+        picks = [
+            _due(condition).limit(limit).with_for_update(skip_locked=True, of=Delivery).cte(name)
+            for name, condition in kinds.items()
+        ]
+    else:
+        picks = [
+            _due(condition).limit(limit).correlate(None).subquery(name)
+            for name, condition in kinds.items()
+        ]
+    due = union_all(*(select(pick.c.id, pick.c.next_attempt_at) for pick in picks)).subquery("due")
+    oldest = select(due.c.id).order_by(due.c.next_attempt_at, due.c.id).limit(limit)
+    if skip_locked:
+        picked = oldest.cte("picked")
         target = Delivery.id == picked.c.id
     else:
-        target = Delivery.id.in_(picking.correlate(None).scalar_subquery())
+        target = Delivery.id.in_(oldest.correlate(None).scalar_subquery())
     return (
         update(Delivery)
         .where(target)
