@@ -23,7 +23,6 @@ from e2e_helpers import (
 
 from app.config import DISPATCH_CONCURRENCY
 from app.db import hot
-from app.db import repository as repo
 from app.delivery import dispatcher as dispatcher_module
 
 
@@ -31,14 +30,18 @@ def test_fresh_deliveries_are_sent_without_a_claim(
     database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     claimed: list[int] = []
-    real_claim_due = repo.claim_due
 
-    async def counted_claim_due(*args: Any, **kwargs: Any) -> Any:
-        rows = await real_claim_due(*args, **kwargs)
-        claimed.append(len(rows))
-        return rows
+    def counted(real: Any) -> Any:
+        async def counted_claim_due(*args: Any, **kwargs: Any) -> Any:
+            rows = await real(*args, **kwargs)
+            claimed.append(len(rows))
+            return rows
 
-    monkeypatch.setattr(repo, "claim_due", counted_claim_due)
+        return counted_claim_due
+
+    # The dispatcher claims through the backend's hot statements (app/db/hot.py).
+    for statements in (hot.DriverStatements, hot.SessionStatements, hot.ThreadStatements):
+        monkeypatch.setattr(statements, "claim_due", counted(statements.claim_due))
     with relay_stack(database_url, tmp_path) as stack:
         _, conn = stack.ready_output()
         accepted: set[str] = set()
@@ -49,7 +52,8 @@ def test_fresh_deliveries_are_sent_without_a_claim(
         assert len(found) == 20
         assert {d["status"] for d in found} == {"delivered"}
         assert {d["attempts"] for d in found} == {1}
-        assert sum(claimed) == 0  # the claim loop ran, and found nothing left to take
+        assert claimed, "the claim loop never ran"
+        assert sum(claimed) == 0  # it ran, and found nothing left to take
         assert_exactly_the_accepted_reached_amazon(stack, accepted)
 
 

@@ -478,9 +478,9 @@ class DriverStatements:
     ) -> list[Claimed]:
         if limit <= 0:
             return []
-        lease_end = now + timedelta(seconds=lease_seconds)
-        if now.tzinfo is None:
+        if now.tzinfo is None:  # as UTCDateTime insists
             raise ValueError("naive datetime: pass an aware (UTC) datetime")
+        lease_end = now + timedelta(seconds=lease_seconds)
         async with self._driver(_CLAIM) as driver:
             rows = await driver.fetch(
                 _CLAIM,

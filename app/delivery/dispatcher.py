@@ -1,9 +1,9 @@
 """The dispatcher: claims due deliveries and sends each as one Events API request.
 
-Runs inside every ``relay serve`` process. Claims are short transactions with a
-lease (``repository.claim_due``: SKIP LOCKED on PostgreSQL), the request is sent
-outside any transaction, and the outcome is written in another short transaction
-that only succeeds while this process still holds the lease. A process that dies
+Runs inside every ``relay serve`` process. A claim is one statement that leases what
+it takes (``repository.claim_statement``: SKIP LOCKED on PostgreSQL), the request is
+sent outside any transaction, and the outcome is written by another statement that
+only succeeds while this process still holds the lease. A process that dies
 loses nothing: its leases run out and another process claims the work again.
 """
 
