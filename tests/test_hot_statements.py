@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.db import repository as repo
+from app.db.base import LZ4_FRAME_MAGIC
 from app.db.hot import (
     DriverStatements,
     HotStatements,
@@ -152,7 +153,7 @@ async def _stored(
 
 
 async def test_inserted_deliveries_are_the_rows_the_session_writes(
-    sessionmaker: async_sessionmaker[AsyncSession], hot: HotStatements
+    sessionmaker: async_sessionmaker[AsyncSession], hot: HotStatements, backend: str
 ) -> None:
     output, connection = await _output_and_connection(sessionmaker)
     lease = repo.Lease("worker-1", T0 + timedelta(seconds=60), 1)
@@ -171,6 +172,14 @@ async def test_inserted_deliveries_are_the_rows_the_session_writes(
     assert hot_rows[0]["status"] == DeliveryStatus.IN_FLIGHT
     assert hot_rows[0]["dropped"] == AWKWARD_DROPS
     assert hot_rows[0]["index_map"] == [3, 1, 2**65]
+    # Stored alike too (on SQLite an LZ4 frame: app.db.base.StoredBody).
+    async with sessionmaker() as session:
+        raw: dict[str, bytes] = dict(
+            (await session.execute(text("SELECT id, body FROM deliveries"))).all()
+        )
+    for mine, theirs in zip(by_hot, by_session, strict=True):
+        assert raw[mine["id"]] == raw[theirs["id"]]
+        assert raw[mine["id"]].startswith(LZ4_FRAME_MAGIC) == (backend == "sqlite")
 
 
 async def test_a_dropped_batch_is_the_row_the_session_writes(

@@ -10,13 +10,16 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import Connection, inspect, make_url, select, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.crypto import DecryptError, KeyRing, new_key_entry
 from app.db import repository as repo
-from app.db.base import metadata
+from app.db.base import LZ4_FRAME_MAGIC, StoredBody, metadata
 from app.db.migrate import alembic_config, at_head, current_revisions, head_revisions, migrate
 from app.db.models import Credential, Delivery, DeliveryStatus, Output, OutputStatus
 from app.db.session import create_engine
@@ -464,8 +467,9 @@ async def test_insert_and_list_deliveries(session: AsyncSession) -> None:
 async def test_large_bodies_are_stored_exactly_and_compressed_with_lz4(
     session: AsyncSession, backend: str
 ) -> None:
-    """An Events API request of 100 events (tens of KB) comes back byte for byte; on
-    PostgreSQL it is compressed out of line with lz4 (migration 0004), not pglz."""
+    """An Events API request of 100 events (tens of KB) comes back byte for byte. On
+    PostgreSQL it is compressed out of line with lz4 (migration 0004), not pglz; on
+    SQLite the relay stores it as an LZ4 frame (StoredBody, migration 0005)."""
     output = await _output(session)
     events = b",".join(
         b'{"eventId":"e%d","matchKeys":[{"type":"EMAIL","values":["%064x"]}]}' % (i, i * 7919)
@@ -483,6 +487,14 @@ async def test_large_bodies_are_stored_exactly_and_compressed_with_lz4(
     stored = await repo.get_delivery(session, delivery_id)
     assert stored is not None
     assert stored.body == body
+    raw = await session.scalar(
+        text("SELECT body FROM deliveries WHERE id = :id"), {"id": delivery_id}
+    )
+    if backend == "sqlite":
+        assert raw.startswith(LZ4_FRAME_MAGIC)
+        assert len(raw) < len(body) / 2
+    else:
+        assert raw == body
     if backend == "postgresql":
         method = await session.scalar(
             text("SELECT pg_column_compression(body) FROM deliveries WHERE id = :id"),
@@ -501,6 +513,73 @@ async def test_large_bodies_are_stored_exactly_and_compressed_with_lz4(
             "results": "l",
             "dropped": "l",
         }
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_a_body_stored_before_compression_reads_as_it_was(session: AsyncSession) -> None:
+    """Rows written before migration 0005 hold the body as it was sent: read unchanged."""
+    output = await _output(session)
+    body = b'{"events":[{"eventId":"e1"}]}'
+    [old, new] = await repo.insert_deliveries(
+        session,
+        [
+            repo.NewDelivery(output_id=output.id, source="mparticle", body=body, index_map=[0]),
+            repo.NewDelivery(output_id=output.id, source="mparticle", body=body, index_map=[0]),
+        ],
+        now=T0,
+    )
+    await session.execute(
+        text("UPDATE deliveries SET body = :body WHERE id = :id"), {"body": body, "id": old}
+    )
+    await session.commit()
+    session.expunge_all()
+    assert [d.body for d in await repo.get_deliveries(session, [old, new])] == [body, body]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_downgrading_below_0005_stores_bodies_as_they_were_sent(
+    empty_database_url: str,
+) -> None:
+    """An older relay sends a body as it is stored: below revision 0005 every body is
+    stored as it was sent again."""
+    await migrate(empty_database_url)
+    engine = create_engine(empty_database_url)
+    body = b'{"events":[{"eventId":"e1"}]}' * 50
+
+    def downgrade(connection: Connection) -> None:
+        config = alembic_config(empty_database_url)
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0004")
+
+    try:
+        async with async_sessionmaker(engine, expire_on_commit=False).begin() as session:
+            output = await _output(session)
+            await repo.insert_deliveries(
+                session,
+                [
+                    repo.NewDelivery(
+                        output_id=output.id, source="mparticle", body=body, index_map=[0]
+                    )
+                ],
+                now=T0,
+            )
+        async with engine.begin() as connection:
+            stored = (await connection.execute(text("SELECT body FROM deliveries"))).scalar_one()
+            assert stored.startswith(LZ4_FRAME_MAGIC)
+            await connection.run_sync(downgrade)
+        async with engine.connect() as connection:
+            stored = (await connection.execute(text("SELECT body FROM deliveries"))).scalar_one()
+        assert stored == body
+    finally:
+        await engine.dispose()
+
+
+@given(st.binary(max_size=4096))
+def test_a_stored_body_reads_back_as_written_on_both_backends(body: bytes) -> None:
+    for dialect in (sqlite.dialect(), postgresql.dialect()):
+        stored = StoredBody().process_bind_param(body, dialect)
+        assert StoredBody().process_result_value(stored, dialect) == body
+    assert StoredBody().process_bind_param(body, postgresql.dialect()) == body
 
 
 async def test_claim_due_picks_due_deliveries_of_live_outputs(session: AsyncSession) -> None:

@@ -15,13 +15,12 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
-    LargeBinary,
     String,
     Text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db.base import Base, JSONType, UTCDateTime, new_id, utcnow
+from app.db.base import Base, JSONType, StoredBody, UTCDateTime, new_id, utcnow
 
 
 class OutputStatus(StrEnum):
@@ -179,7 +178,7 @@ class Delivery(Base):
     source: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
     # The exact request body; resends reuse it byte for byte so eventIds dedupe at Amazon.
-    body: Mapped[bytes] = mapped_column(LargeBinary)
+    body: Mapped[bytes] = mapped_column(StoredBody)
     # index_map[i] = position in the inbound batch of the body's i-th event.
     index_map: Mapped[list[int]] = mapped_column(JSONType)
     event_count: Mapped[int] = mapped_column(Integer)
