@@ -2,8 +2,9 @@
 due delivery with its output: through an AsyncSession (the repository,
 ``SessionStatements``) and through asyncpg directly (``DriverStatements``), on a fresh
 PostgreSQL database (docs/decisions/0016-hot-statements-through-the-driver.md). The
-claim's session side is what the dispatcher did before it claimed through the driver:
-the repository's claim and the output's read, in one transaction.
+claim's session side is how the dispatcher claimed before it went through the driver
+(decision 0021): the repository's claim and the output's read in one session
+transaction (the claim itself is one statement now; it was two).
 
     .venv/bin/python bench/statements_bench.py [--calls 2000] [--rounds 3]
 

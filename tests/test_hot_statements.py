@@ -95,21 +95,25 @@ async def test_an_in_memory_sqlite_database_keeps_the_sessions() -> None:
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])
-async def test_sqlite_s_thread_starts_with_the_first_statement_and_stops_on_close(
+async def test_sqlite_s_threads_start_with_their_first_statement_and_stop_on_close(
     engine: AsyncEngine,
 ) -> None:
+    """One thread for reads and one for writes, each started by its first statement."""
     import threading
 
-    def threads() -> list[threading.Thread]:
-        return [t for t in threading.enumerate() if t.name == "relay-sqlite"]
+    def threads(name: str) -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == name]
 
-    before = threads()
+    before = {name: threads(name) for name in ("relay-sqlite", "relay-sqlite-reads")}
     statements = hot_statements(engine, create_autocommit_sessionmaker(engine))
-    assert threads() == before  # a runtime that never ingests holds no thread
+    assert {name: threads(name) for name in before} == before  # never ingests: no thread
     assert await statements.connection_with_output("no such key") is None
-    assert len(threads()) == len(before) + 1
+    assert len(threads("relay-sqlite-reads")) == len(before["relay-sqlite-reads"]) + 1
+    assert threads("relay-sqlite") == before["relay-sqlite"]
+    assert not await statements.update_held("dlv_none", "worker", {"status": "delivered"})
+    assert len(threads("relay-sqlite")) == len(before["relay-sqlite"]) + 1
     await statements.aclose()
-    assert threads() == before
+    assert {name: threads(name) for name in before} == before
 
 
 async def test_the_connection_and_output_read_as_the_orm_reads_them(

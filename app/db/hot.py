@@ -265,9 +265,15 @@ class ThreadStatements:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._grouped = GroupedTransactions(create_sqlite_thread_engine(engine))
+        # Reads on a connection and thread of their own. In WAL mode a reader never
+        # waits for a writer; queued behind this process's writer, a read would wait
+        # whenever the writer waits for another process's write lock.
+        self._reads = GroupedTransactions(
+            create_sqlite_thread_engine(engine), name="relay-sqlite-reads"
+        )
 
     async def connection_with_output(self, key: str) -> tuple[Connection, Output] | None:
-        return await self._grouped.run(functools.partial(_read_connection_with_output, key))
+        return await self._reads.run(functools.partial(_read_connection_with_output, key))
 
     async def insert_deliveries(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if rows:
@@ -292,6 +298,7 @@ class ThreadStatements:
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self._grouped.close)
+        await asyncio.to_thread(self._reads.close)
 
 
 Processor = Callable[[Any], Any]
