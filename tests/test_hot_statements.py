@@ -58,18 +58,22 @@ async def hot(engine: AsyncEngine) -> AsyncIterator[HotStatements]:
         await statements.aclose()
 
 
+async def _new_output(session: AsyncSession, **fields: Any) -> Output:
+    return await repo.create_output(
+        session,
+        name="Shop ✓",
+        advertiser_id="123456",
+        now=T0,
+        conversion_rules=[{"event_name": "buy", "conversion": "PURCHASE", "n": 2**66}],
+        **fields,
+    )
+
+
 async def _output_and_connection(
     sessionmaker: async_sessionmaker[AsyncSession],
 ) -> tuple[Output, Connection]:
     async with sessionmaker() as session, session.begin():
-        output = await repo.create_output(
-            session,
-            name="Shop ✓",
-            advertiser_id="123456",
-            now=T0,
-            conversion_rules=[{"event_name": "buy", "conversion": "PURCHASE", "n": 2**66}],
-            data_set_name="web",
-        )
+        output = await _new_output(session, data_set_name="web")
         created = await repo.create_connection(
             session, output_id=output.id, source="mparticle", name="web"
         )
@@ -263,13 +267,7 @@ DUE_IN_ORDER = ["early", "expired", "other", "late"]
 async def _live_output(
     session: AsyncSession, status: OutputStatus = OutputStatus.CONFIGURED
 ) -> Output:
-    output = await repo.create_output(
-        session,
-        name="Shop ✓",
-        advertiser_id="123456",
-        now=T0,
-        conversion_rules=[{"event_name": "buy", "conversion": "PURCHASE", "n": 2**66}],
-    )
+    output = await _new_output(session)
     await repo.set_status(session, output.id, status, now=T0)
     return output
 
