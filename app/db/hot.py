@@ -260,7 +260,9 @@ class ThreadStatements:
     table definitions, its values converted by SQLAlchemy's own processors for each
     column (the same types and JSON writer), run on a synchronous connection held by one
     thread; what is waiting when the thread comes free shares one transaction
-    (``GroupedTransactions``; docs/decisions/0017-sqlite-grouped-commits.md).
+    (``GroupedTransactions``; docs/decisions/0017-sqlite-grouped-commits.md). The
+    credential read has a second connection and thread, so that it never waits for a
+    write lock it does not need.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
