@@ -126,7 +126,7 @@ class SessionStatements:
                 output = await repo.get_output(session, output_id)
                 if output is not None:
                     outputs[output_id] = output
-        return [(d, outputs[d.output_id]) for d in deliveries if d.output_id in outputs]
+        return _paired(deliveries, outputs)
 
     async def aclose(self) -> None:
         """The sessions' engine is the caller's to dispose of."""
@@ -231,20 +231,26 @@ def _claim_sql() -> str:
 _CLAIM: Final = _claim_sql()
 
 
+def _paired(deliveries: Sequence[Delivery], outputs: Mapping[str, Output]) -> list[Claimed]:
+    """Each claimed delivery with its output (one Output object per output), oldest due
+    first, as every backend's claim_due returns them."""
+    pairs = [(d, outputs[d.output_id]) for d in deliveries if d.output_id in outputs]
+    return sorted(pairs, key=lambda pair: repo.by_due(pair[0]))
+
+
 def _claimed(rows: Sequence[Sequence[Any]]) -> list[Claimed]:
-    """Deliveries and their outputs from rows of ``_CLAIM``, oldest due first; one
-    Output object per output."""
+    """Deliveries and their outputs from rows of ``_CLAIM``."""
     split = len(_DELIVERY_FIELDS)
+    deliveries: list[Delivery] = []
     outputs: dict[str, Output] = {}
-    claimed: list[Claimed] = []
     for values in rows:
         delivery = Delivery(**dict(zip(_DELIVERY_FIELDS, values[:split], strict=True)))
-        output = outputs.get(delivery.output_id)
-        if output is None:
-            output = Output(**dict(zip(_OUTPUT_FIELDS, values[split:], strict=True)))
-            outputs[output.id] = output
-        claimed.append((delivery, output))
-    return sorted(claimed, key=lambda pair: repo.by_due(pair[0]))
+        deliveries.append(delivery)
+        if delivery.output_id not in outputs:
+            outputs[delivery.output_id] = Output(
+                **dict(zip(_OUTPUT_FIELDS, values[split:], strict=True))
+            )
+    return _paired(deliveries, outputs)
 
 
 # --- SQLite on a thread of its own ---------------------------------------------------------
@@ -374,12 +380,7 @@ def _claim_due(
     output_ids = {row.output_id for row in rows}
     found = connection.execute(select(_OUTPUTS).where(_OUTPUTS.c.id.in_(output_ids))).all()
     outputs = {row.id: Output(**row._asdict()) for row in found}
-    claimed = [
-        (Delivery(**row._asdict()), outputs[row.output_id])
-        for row in rows
-        if row.output_id in outputs
-    ]
-    return sorted(claimed, key=lambda pair: repo.by_due(pair[0]))
+    return _paired([Delivery(**row._asdict()) for row in rows], outputs)
 
 
 # --- PostgreSQL through asyncpg -----------------------------------------------------------
