@@ -27,14 +27,18 @@ Phases, each ``--seconds`` long, on the same bodies:
   on cores that the emulator, the load generator and the database also need;
 - relay, one worker and two workers, each worker held by the kernel to ``--worker-cpu``
   of a core (bench/cpu_share.py), alternated ``HELD_ROUNDS`` times: linearity in the
-  number of workers, with the rest of the machine left room (decision 0018).
+  number of workers, with the rest of the machine left room (decision 0018). Each
+  worker is offered ``--concurrency`` requests in flight, so two workers get twice the
+  closed loop of one (decision 0023); ``--held-load shared`` offers the two of them one
+  ``--concurrency`` between them instead.
 
 Every phase also reports the CPU each process spent per batch. Their sum does not move
 with other load on a shared machine as the rates do, so the bench prints the ratio of
 the pass-through's sum to the relay's as well (the PostgreSQL server is not counted).
 
     .venv/bin/python bench/e2e_bench.py [--seconds 10] [--backend sqlite|postgresql|both]
-        [--concurrency 16] [--worker-cpu 0.35] [--profile DIR] [--json]
+        [--concurrency 16] [--worker-cpu 0.35] [--held-load per-worker|shared]
+        [--profile DIR] [--json]
 
 ``--profile DIR`` runs the one-worker relay under cProfile (slower: its figures are not
 the benchmark's) and prints where its time goes.
@@ -764,7 +768,14 @@ def run_backend(
                     warm_up(url)
                     label = f"{share_label(workers, share)}, round {turn // 2 + 1}"
                     before = held.throttling()
-                    phase = relay_phase(label, spec(url, headers, relay=True), pids, deliveries)
+                    per_worker = args.held_load == "per-worker"
+                    offered = concurrency * workers if per_worker else concurrency
+                    phase = relay_phase(
+                        label,
+                        spec(url, headers, relay=True, concurrency=offered),
+                        pids,
+                        deliveries,
+                    )
                     phase.throttled = [
                         now.since(before[worker]).share_throttled
                         for worker, now in held.throttling().items()
@@ -800,7 +811,7 @@ def verdict(met: bool) -> str:
     return "met" if met else "NOT met"
 
 
-def report(run: BackendRun) -> list[str]:
+def report(run: BackendRun, held_load: str, concurrency: int) -> list[str]:
     phases = run.phases
     read = phases["read ceiling"]
     forward = max(
@@ -847,7 +858,13 @@ def report(run: BackendRun) -> list[str]:
         held_two = [phase for phase in held if phase.quota_cores != share]
         held_scaling = mean_sustained(held_two) / mean_sustained(held_one)
         lines.append(
-            f"2 workers / 1 worker, each held to {share:g} core: {held_scaling:.2f}x "
+            f"2 workers / 1 worker, each held to {share:g} core"
+            + (
+                f" and offered {concurrency} requests in flight: "
+                if held_load == "per-worker"
+                else f", offered {concurrency} requests in flight between them: "
+            )
+            + f"{held_scaling:.2f}x "
             f"(target >= {linear_target:.1f}x: {verdict(held_scaling >= linear_target)}); "
             f"sustained 1 worker {' / '.join(f'{p.sustained:.1f}' for p in held_one)}, "
             f"2 workers {' / '.join(f'{p.sustained:.1f}' for p in held_two)}; workers "
@@ -913,6 +930,13 @@ def main() -> None:
         "linearity in workers on a machine whose cores the emulator and load generator "
         "share; 0 skips (default 0.35)",
     )
+    parser.add_argument(
+        "--held-load",
+        choices=["per-worker", "shared"],
+        default="per-worker",
+        help="held phases: offer --concurrency requests in flight to each worker (the "
+        "default: N workers get N times the closed loop) or to all of them together",
+    )
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args()
@@ -960,7 +984,7 @@ def main() -> None:
         )
         for run in runs:
             print()
-            print("\n".join(report(run)))
+            print("\n".join(report(run, args.held_load, args.concurrency)))
         for run in runs:
             if run.profile:
                 print_profile(run.profile)
