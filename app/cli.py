@@ -73,8 +73,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def _settings() -> Any:
     from app.config import load_settings
+    from app.logs import configure
 
-    return load_settings()
+    settings = load_settings()
+    configure(settings.log_format)  # before anything logs: the migration does
+    return settings
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -301,8 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from app.logs import configure
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure()  # on stderr, whatever the command; _settings() applies RELAY_LOG_FORMAT
     try:
         handler: Callable[[argparse.Namespace], int] = args.handler
         return handler(args)

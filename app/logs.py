@@ -32,6 +32,13 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
     return event
 
 
+def _stderr_logger(*_: Any) -> structlog.PrintLogger:
+    # Standard error as it is when the line is written, not as it was at configure():
+    # a test harness swaps it, and stdout is for what commands print (`relay map`'s JSON,
+    # the operator commands' lines).
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure(log_format: str = "console", level: int = logging.INFO) -> None:
     renderer: Any = (
         structlog.processors.JSONRenderer()
@@ -48,7 +55,7 @@ def configure(log_format: str = "console", level: int = logging.INFO) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
 
