@@ -82,6 +82,7 @@ def _settings() -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
+    import shutil
     import tempfile
 
     import uvicorn
@@ -90,9 +91,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings()
     upgrade_to_head(settings.database_url)
+    metrics_dir = None
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Each worker writes its metrics here; any worker's /metrics merges them all.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="relay-metrics-")
+        metrics_dir = tempfile.mkdtemp(prefix="relay-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     options: dict[str, Any] = {
         "factory": True,
         "host": args.host,
@@ -115,6 +118,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except OSError as error:
             where = f"{args.host}:{args.port}"
             raise UsageError(f"cannot listen on {where}: {error.strerror}") from None
+        finally:
+            if metrics_dir is not None:  # the counts died with the workers
+                shutil.rmtree(metrics_dir, ignore_errors=True)
     else:
         uvicorn.run("app.main:app_factory", **options)
     return 0

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 
+import httpx
 import psutil
 from e2e_helpers import new_admin_token
 from test_e2e_processes import RELAY, free_port
@@ -107,6 +108,7 @@ def relay_serve(database_url: str, workdir: Path, workers: int) -> Iterator[tupl
         "RELAY_ENCRYPTION_KEYS": new_key_entry("w1"),
         "RELAY_ADMIN_TOKEN": new_admin_token(),
         "RELAY_LOG_FORMAT": "json",
+        "TMPDIR": str(workdir),  # where the supervisor makes the workers' metrics directory
     }
     log = workdir / "serve.log"
     with log.open("wb") as sink:
@@ -161,6 +163,28 @@ def test_two_workers_share_connections_opened_together_and_a_killed_one_is_repla
     assert not psutil.pid_exists(parent) or psutil.Process(parent).status() == "zombie"
     for pid in replaced:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+def ingest_count(port: int) -> float:
+    """``relay_ingest_seconds_count`` as one /metrics answer, over a new connection, has it."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    (line,) = [line for line in text.splitlines() if line.startswith("relay_ingest_seconds_count")]
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_every_worker_answers_metrics_for_all_workers(database_url: str, tmp_path: Path) -> None:
+    with relay_serve(database_url, tmp_path, workers=2) as (_, port):
+        # The supervisor made a directory for the workers' metrics files by itself.
+        (shared,) = tmp_path.glob("relay-metrics-*")
+        # Ingest requests over new connections, which the kernel spreads over the two
+        # workers (all on one would happen once in 30,000 runs). Each is timed in
+        # relay_ingest_seconds, unauthenticated (401) as they are.
+        for _ in range(CONNECTIONS):
+            assert httpx.post(f"http://127.0.0.1:{port}/v2/events", json={}).status_code == 401
+        # Whichever worker answers a scrape counts the requests of both.
+        assert [ingest_count(port) for _ in range(CONNECTIONS)] == [CONNECTIONS] * CONNECTIONS
+        assert len(list(shared.glob("*.db"))) >= 2  # a file per worker
+    assert not shared.exists()  # removed when relay serve stops
 
 
 def test_serve_with_workers_on_a_port_in_use_exits_2_and_names_the_address(
