@@ -8,6 +8,7 @@ work back to the next process.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -232,6 +233,55 @@ def settled(relay: RelayProcess, timeout: float = 30.0) -> list[dict[str, Any]]:
         if time.monotonic() > deadline:
             raise AssertionError(f"still unfinished after {timeout} s: {found}")
         time.sleep(0.05)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_relay_that_took_nothing_in_claims_from_the_queue_the_other_filled(
+    deployment: Deployment,
+) -> None:
+    # Two slots each and Amazon answering after 0.2 s: a burst that relay A takes in
+    # queues far beyond A's slots. B takes no batch in, so everything B sends it claimed
+    # from the queue A filled, under A's competing claims.
+    amazon = deployment.control
+    with deployment.serve("a", "b", env={"RELAY_DISPATCH_CONCURRENCY": "2"}) as relays:
+        relay_a, relay_b = relays
+        _, conn = deployment.ready_output(relay_a)
+        amazon.post("faults", [{"delay": 0.2, "seconds": 120}])
+        bulk = [sdk_batch([70_000 + 2 * b + e for e in range(2)]) for b in range(60)]
+        answer = relay_a.client.post("/v2/bulkevents", json=bulk, auth=conn.auth)
+        assert answer.status_code == 202
+        accepted: set[str] = set()
+        for batch, summary in zip(bulk, answer.json()["batches"], strict=True):
+            accepted |= accepted_event_ids(batch, summary)
+
+        found = settled(relay_b, timeout=60)
+        assert len(found) == 60
+        assert {d["status"] for d in found} == {"delivered"}
+        assert {d["attempts"] for d in found} == {1}
+        assert len(amazon.received()) == 60  # none sent twice
+        assert_exactly_the_accepted_reached_amazon(amazon, accepted)
+        done = [relay.deliveries_counted("delivered") for relay in relays]
+        assert sum(done) == 60
+        assert min(done) > 0, done  # B sent deliveries that A had queued
+
+
+def test_log_lines_name_the_request_and_the_delivery(deployment: Deployment) -> None:
+    with deployment.serve("one") as (relay,):
+        _, conn = deployment.ready_output(relay)
+        answer = relay.client.post("/v2/events", json=sdk_batch([1, 2]), auth=conn.auth)
+        assert answer.status_code == 202
+        request_id = answer.headers["x-request-id"]
+        (delivery_id,) = answer.json()["deliveries"]
+        settled(relay)
+    lines = [json.loads(line) for line in relay.log_text().splitlines() if line.strip()]
+    assert all({"event", "level", "timestamp"} <= line.keys() for line in lines)
+    # The outcome's line names the delivery, and the request that took its batch in
+    # (the answer's X-Request-Id), so one grep finds both ends of a batch.
+    (done,) = [line for line in lines if line.get("delivery_id") == delivery_id]
+    assert done["event"] == "delivery_done"
+    assert done["request_id"] == request_id
+    assert (done["status"], done["events"], done["http_status"]) == ("delivered", 2, 207)
 
 
 def test_a_killed_relay_loses_nothing_its_successor_delivers(deployment: Deployment) -> None:
