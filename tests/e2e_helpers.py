@@ -197,6 +197,17 @@ def sdk_batch(
 ) -> dict[str, Any]:
     """An mParticle batch as the SDK sends it; ints in ``events`` become purchases with
     that event id."""
+    return sdk_wire(sdk_batch_object(events, email=email, platform=platform, ip=ip))
+
+
+def sdk_batch_object(
+    events: Sequence[Any] | Sequence[int],
+    *,
+    email: str = "shopper@example.com",
+    platform: str = "web",
+    ip: str | None = None,
+) -> Batch:
+    """The SDK's own ``Batch`` of ``sdk_batch``, for the SDK's client to send."""
     device = DeviceInformation()
     device.platform = platform
     device.locale_country = "US"
@@ -209,7 +220,7 @@ def sdk_batch(
     if ip is not None:
         batch.ip = ip
     batch.events = [sdk_purchase(e) if isinstance(e, int) else e for e in events]
-    return sdk_wire(batch)
+    return batch
 
 
 def posted_event_ids(batch: Mapping[str, Any]) -> list[str | None]:

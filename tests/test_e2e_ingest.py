@@ -24,9 +24,12 @@ from e2e_helpers import (
     now_ms,
     relay_stack,
     sdk_batch,
+    sdk_batch_object,
     sdk_custom_event,
     sdk_purchase,
 )
+from mparticle import Configuration, EventsApi
+from mparticle.rest import ApiException
 
 DAY_MS = 86_400_000
 
@@ -227,6 +230,31 @@ def test_wait_answers_with_the_first_attempts_outcome(stack: Stack) -> None:
         "error": None,
         "results": [{"index": 0, "status": "ok"}, {"index": 1, "status": "ok"}],
     }
+
+
+def test_mparticles_own_client_posts_to_the_relay(stack: Stack) -> None:
+    # The SDK's EventsApi, pointed at the relay instead of s2s.mparticle.com/v2: its own
+    # HTTP Basic header, paths (/events, /bulkevents), body and content type.
+    _, conn = stack.ready_output()
+
+    def events_api(secret: str) -> EventsApi:
+        config = Configuration()
+        config.host = f"{stack.relay_url}/v2"
+        config.api_key, config.api_secret = conn.key, secret
+        return EventsApi(config)
+
+    sdk = events_api(conn.secret)
+    sdk.upload_events(sdk_batch_object([31, 32]))
+    sdk.bulk_upload_events([sdk_batch_object([41]), sdk_batch_object([51, 52, 53])])
+    with pytest.raises(ApiException) as refused:
+        events_api(conn.secret + "x").upload_events(sdk_batch_object([61]))
+    assert refused.value.status == 401
+
+    stack.wait_settled()
+    bodies = sorted(
+        [e["eventId"] for e in request["body"]["events"]] for request in stack.received()
+    )
+    assert bodies == [["31", "32"], ["41"], ["51", "52", "53"]]  # one request per batch
 
 
 def test_bulk_batches_each_become_one_request(stack: Stack) -> None:
