@@ -315,9 +315,17 @@ _SCRYPT_N, _SCRYPT_R, _SCRYPT_P, _SCRYPT_LEN = 2**14, 8, 1, 32
 _HASH_PREFIX = "scrypt"
 
 
+SECRET_PREFIX = "rs_"  # noqa: S105 (a label, not a secret)
+
+
 def new_secret() -> SecretText:
-    """A new connection secret (256 bits, base64url)."""
-    return SecretText(secrets.token_urlsafe(32))
+    """A new connection secret: ``rs_`` and 256 bits in base64url.
+
+    The prefix names what it is to a reader and to secret scanners, as ``rk_`` does for
+    keys. It also keeps the secret from starting with ``-`` (1 in 64 base64url strings
+    would), which a command line would take for an option: ``relay upload --secret -x…``.
+    """
+    return SecretText(SECRET_PREFIX + secrets.token_urlsafe(32))
 
 
 def _scrypt(secret: str, salt: bytes, n: int, r: int, p: int, length: int) -> bytes:

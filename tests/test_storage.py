@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app.crypto import DecryptError, KeyRing, new_key_entry
+from app.crypto import DecryptError, KeyRing, SecretText, new_key_entry
 from app.db import repository as repo
 from app.db.base import LZ4_FRAME_MAGIC, StoredBody, metadata
 from app.db.migrate import alembic_config, at_head, current_revisions, head_revisions, migrate
@@ -187,6 +187,8 @@ async def test_connection_secret_is_hashed_and_verified(session: AsyncSession) -
     connection = new.connection
     assert repr(new.secret) == "'***'"
     assert connection.key.startswith("rk_")
+    assert secret.startswith("rs_")  # never "-", which a command line takes for an option
+    assert len(secret) == 3 + 43  # 256 bits in base64url
     assert connection.active
     assert secret not in connection.secret_hash
     assert connection.secret_hash.startswith("scrypt$")
@@ -223,7 +225,7 @@ async def test_connection_crud(session: AsyncSession, keyring: KeyRing) -> None:
 
     assert second.shared_secret_ciphertext is not None
     assert "whsec_signing" not in second.shared_secret_ciphertext
-    assert repo.shared_secret_of(keyring, second) == repo.SecretText("whsec_signing")
+    assert repo.shared_secret_of(keyring, second) == SecretText("whsec_signing")
     assert repo.shared_secret_of(keyring, first) is None
     assert await repo.set_shared_secret(session, keyring, first.id, "s2")
     assert repo.shared_secret_of(keyring, first).reveal() == "s2"  # type: ignore[union-attr]
@@ -335,10 +337,9 @@ async def test_upsert_replaces_token_and_drops_cached_access(
     assert await repo.store_access_token(
         session, keyring, output.id, access_token="a2", expires_at=later, refresh_token="third"
     )
-    assert (
-        repo.refresh_token_of(keyring, (await repo.get_credential(session, output.id))).reveal()
-        == "third"
-    )  # type: ignore[arg-type]
+    rotated = await repo.get_credential(session, output.id)
+    assert rotated is not None
+    assert repo.refresh_token_of(keyring, rotated).reveal() == "third"
     assert not await repo.store_access_token(
         session, keyring, "out_missing", access_token="a", expires_at=later
     )
@@ -574,12 +575,17 @@ async def test_downgrading_below_0005_stores_bodies_as_they_were_sent(
         await engine.dispose()
 
 
+# SQLAlchemy's dialect classes have untyped constructors.
+DIALECTS = (sqlite.dialect(), postgresql.dialect())  # type: ignore[no-untyped-call]
+
+
 @given(st.binary(max_size=4096))
 def test_a_stored_body_reads_back_as_written_on_both_backends(body: bytes) -> None:
-    for dialect in (sqlite.dialect(), postgresql.dialect()):
+    sqlite_dialect, postgresql_dialect = DIALECTS
+    for dialect in (sqlite_dialect, postgresql_dialect):
         stored = StoredBody().process_bind_param(body, dialect)
         assert StoredBody().process_result_value(stored, dialect) == body
-    assert StoredBody().process_bind_param(body, postgresql.dialect()) == body
+    assert StoredBody().process_bind_param(body, postgresql_dialect) == body
 
 
 async def test_claim_due_picks_due_deliveries_of_live_outputs(session: AsyncSession) -> None:
