@@ -28,8 +28,8 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import NullPool
 
+from app.db.base import Base
 from app.db.migrate import migrate
-from app.db.models import Base
 from app.db.session import create_engine, create_sessionmaker
 
 POSTGRES_URL = os.environ.get(

@@ -148,7 +148,7 @@ def runtime_options(**options: Any) -> Iterator[None]:
     def build(settings: Settings, **kwargs: Any) -> Runtime:
         return original(settings, **(options | kwargs))
 
-    Runtime.build = build  # type: ignore[assignment,method-assign]
+    Runtime.build = build  # type: ignore[method-assign]
     try:
         yield
     finally:

@@ -78,7 +78,7 @@ def test_outputs_are_created_listed_read_and_deleted(stack: Stack) -> None:
     assert stack.admin.get("/v1/outputs").json() == []
 
 
-INVALID_OUTPUTS = [
+INVALID_OUTPUTS: list[tuple[dict[str, Any], str]] = [
     ({"advertiser_id": "12ab"}, "advertiser_id"),
     ({"advertiser_id": "-123"}, "advertiser_id"),
     ({"advertiser_id": ""}, "advertiser_id"),
@@ -134,7 +134,7 @@ def test_patch_changes_settings_but_never_status_id_or_credentials(stack: Stack)
         "max_event_age_hours": 48,
         "data_set_name": "web_buys",
     }
-    read_only = [
+    read_only: list[dict[str, Any]] = [
         {"status": "configured"},
         {"id": "out_mine"},
         {"refresh_token": "Atzr|stolen"},

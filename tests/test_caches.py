@@ -48,4 +48,6 @@ def test_per_identity_caches_stay_small() -> None:
     """One entry per user seen: a few thousand keep the memory they take near a MB each
     (about 270 bytes an entry), full within a minute of load, not after twenty."""
     for function in (normalize.email_key, normalize.phone_key, normalize.phone_digits):
-        assert function.cache_info().maxsize <= 4096
+        maxsize = function.cache_info().maxsize
+        assert maxsize is not None
+        assert maxsize <= 4096

@@ -9,6 +9,7 @@ server side, as a restart does, and check that the next transaction still succee
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -60,7 +61,7 @@ async def test_an_idle_connection_is_pinged_before_use(
     dialect = engine.sync_engine.dialect
     real_ping = dialect.do_ping
 
-    def counting_ping(dbapi_connection: object) -> bool:
+    def counting_ping(dbapi_connection: Any) -> bool:
         pings.append(dbapi_connection)
         return real_ping(dbapi_connection)
 

@@ -206,7 +206,7 @@ def json_values(
     )
 
 
-SETTINGS_VARIANTS = [
+SETTINGS_VARIANTS: list[dict[str, Any]] = [
     {},
     {"region": "EU"},
     {"consent_mode": "require_granted", "match_keys": "extended"},
@@ -228,8 +228,8 @@ SETTINGS_VARIANTS = [
 
 
 def settings_strategy() -> st.SearchStrategy[OutputSettings]:
-    fixed = st.sampled_from(SETTINGS_VARIANTS)
-    drawn = st.fixed_dictionaries(
+    fixed: st.SearchStrategy[dict[str, Any]] = st.sampled_from(SETTINGS_VARIANTS)
+    drawn: st.SearchStrategy[dict[str, Any]] = st.fixed_dictionaries(
         {},
         optional={
             "data_set_name": st.sampled_from(["", "web_purchases", "Set-2_b"]),

@@ -1394,7 +1394,7 @@ def test_require_granted(
 def test_eu_missing_consent(
     attributes: dict[str, Any], ip: str | None, region: str, forwarded: bool
 ) -> None:
-    extra = {} if ip is None else {"ip": ip}
+    extra: dict[str, Any] = {} if ip is None else {"ip": ip}
     result = run_mp(mp_batch(commerce(custom_attributes=attributes), **extra), region=region)
     if forwarded:
         assert len(events_of(result)) == 1
@@ -1440,7 +1440,7 @@ def test_eu_missing_consent(
     ],
 )
 def test_age_window(offset_ms: int, max_age: int | None, expected: str | None) -> None:
-    raw = {} if max_age is None else {"max_event_age_hours": max_age}
+    raw: dict[str, Any] = {} if max_age is None else {"max_event_age_hours": max_age}
     result = run_mp(mp_batch(commerce(timestamp_unixtime_ms=NOW_MS + offset_ms)), **raw)
     if expected is None:
         assert len(events_of(result)) == 1

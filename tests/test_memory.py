@@ -31,7 +31,8 @@ CHUNKS = 3_000  # about 190 MB
 
 
 def _rss_mb() -> float:
-    return psutil.Process().memory_info().rss / 2**20
+    rss: int = psutil.Process().memory_info().rss
+    return rss / 2**20
 
 
 def test_trim_gives_a_bursts_memory_back() -> None:
@@ -58,7 +59,12 @@ def test_heaps_are_limited() -> None:
 
 async def test_the_relay_trims_once_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[float] = []
-    monkeypatch.setattr(memory, "trim", lambda: calls.append(1.0) or True)
+
+    def trim() -> bool:
+        calls.append(1.0)
+        return True
+
+    monkeypatch.setattr(memory, "trim", trim)
     task = asyncio.create_task(memory.trim_forever(interval=0.01))
     await asyncio.sleep(0.1)
     task.cancel()

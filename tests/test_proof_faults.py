@@ -180,8 +180,12 @@ def test_postgresql_restarted_under_load(tmp_path: Path, deployment_parts: Any) 
                 up_at = time.monotonic()
                 refused = pump.answered(since=down_at + 0.5, until=restarting_at)
                 assert set(refused) == {503}, refused
+
                 # It recovers by itself: accepted again soon after the database is back.
-                wait_until(lambda at=up_at: pump.statuses(since=at).get(202), limit=30)
+                def accepting(at: float = up_at) -> int | None:
+                    return pump.statuses(since=at).get(202)
+
+                wait_until(accepting, limit=30)
                 outages.append(
                     {
                         "mode": mode,

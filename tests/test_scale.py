@@ -44,6 +44,7 @@ import psutil
 import pytest
 import yaml
 from e2e_helpers import (
+    Conn,
     EmulatorClient,
     accepted_event_ids,
     assert_exactly_the_accepted_reached_amazon,
@@ -55,7 +56,7 @@ from e2e_helpers import (
 from prometheus_client import REGISTRY
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from test_e2e_processes import TOKEN_LIKE, Conn, Deployment, RelayProcess, post, settled
+from test_e2e_processes import TOKEN_LIKE, Deployment, RelayProcess, post, settled
 
 from app import metrics
 from app.config import Settings

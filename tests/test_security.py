@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -45,9 +46,9 @@ SECURITY_HEADERS = {
 }
 
 
-def private_batch(*event_ids: int) -> dict[str, object]:
+def private_batch(*event_ids: int) -> dict[str, Any]:
     batch = sdk_batch(list(event_ids), email=RAW_EMAIL)
-    batch["user_identities"]["mobile_number"] = RAW_PHONE  # type: ignore[index]
+    batch["user_identities"]["mobile_number"] = RAW_PHONE
     return batch
 
 

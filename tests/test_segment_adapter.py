@@ -1022,7 +1022,7 @@ def test_consent(
 
 
 def test_consent_from_batch_context_and_require_granted() -> None:
-    batch = {
+    batch: dict[str, Any] = {
         "batch": [track("Order Completed", messageId="a"), track("Product Added", messageId="b")],
         "context": {"consent": {"categoryPreferences": {"C0004": True}}},
     }

@@ -45,7 +45,7 @@ RULES = [
     {"conversion_type": "PAGE_VIEW", "source": "segment", "kind": "page"},
     {"conversion_type": "LEAD", "kind": "record", "data_set_name": "records_set"},
 ]
-SETTINGS = {
+SETTINGS: dict[str, dict[str, Any]] = {
     "plain": {"advertiser_id": "1234567890", "connection_id": "con_contract"},
     "rules": {
         "advertiser_id": "1234567890",
@@ -455,7 +455,14 @@ SHAPES: dict[str, dict[str, Shape]] = {
     "segment": SEGMENT,
     "records": RECORDS,
 }
-COMMON = ("good_batch", "empty", "unknown_event", "missing_ids", "unicode", "wrong_types")
+COMMON: tuple[str, ...] = (
+    "good_batch",
+    "empty",
+    "unknown_event",
+    "missing_ids",
+    "unicode",
+    "wrong_types",
+)
 COMMON += ("huge_numbers", "deep")
 
 

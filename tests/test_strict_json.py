@@ -36,8 +36,8 @@ def render(value: Any, draw: st.DrawFn) -> str:
     key (the generator's dicts cannot hold one, so repeats are written in)."""
     space = draw(st.sampled_from(["", " ", "\n\t"]))
     if isinstance(value, dict):
-        members = [(k, v) for k, v in value.items()]
-        if members and draw(st.booleans()):
+        members: list[tuple[Any, Any]] = list(value.items())
+        if members and bool(draw(st.booleans())):
             members.append(draw(st.sampled_from(members)))  # a repeated key
         inner = f",{space}".join(
             f"{json.dumps(k, ensure_ascii=draw(st.booleans()))}{space}:{space}{render(v, draw)}"
