@@ -820,7 +820,8 @@ def mean_sustained(phases: list[Phase]) -> float:
 
 def total_cpu_ms(phase: Phase) -> float:
     """CPU milliseconds per batch of every process of the phase together."""
-    return sum(phase.summary()["cpu_ms_per_batch"].values())
+    cpu: dict[str, float] = phase.summary()["cpu_ms_per_batch"]
+    return sum(cpu.values())
 
 
 # --- the report --------------------------------------------------------------------------

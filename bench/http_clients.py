@@ -85,10 +85,10 @@ def forwarder(kind: str, upstream: str) -> Any:
     @app.post("/forward")
     async def forward(request: Request) -> Response:
         body = await request.body()
-        client = state.get("client")
         headers = {"Content-Type": "application/json", "Authorization": "Bearer x"}
         if kind == "read":
             return Response(status_code=202)
+        client = state["client"]
         if kind == "aiohttp":
             async with client.post(upstream, data=body, headers=headers) as answer:
                 await answer.read()
