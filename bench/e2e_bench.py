@@ -11,7 +11,7 @@ Phases, each ``--seconds`` long, on the same bodies:
 
 - read ceiling: a one-worker FastAPI endpoint that reads the body and answers 202;
 - pass-through ceiling: one that reads the body and forwards the batch once to the
-  emulator, measured with each of httpx, httpx2 and aiohttp (``PASS_THROUGH_CLIENTS``);
+  emulator, measured with each of httpx, httpx2 and aiohttp (``http_clients.CLIENTS``);
   the fastest is the ceiling. It forwards the batch's Events API request, mapped before
   the run, so that the emulator does the same work for the ceiling as for the relay
   (validate and echo 100 valid events). The fastest client is measured again after the
@@ -86,6 +86,7 @@ from fastapi import FastAPI, Request, Response
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # bench/ is not a package: its scripts import each other from this directory.
 from cpu_share import CpuShares, available, workers_of
+from http_clients import CLIENTS, Forwarder
 from upload_bench import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -105,7 +106,6 @@ MARKER = b"BATCHMARKR"
 WARMUP_SECONDS = 2.0
 DRAIN_TIMEOUT_SECONDS = 180.0
 LINEAR_SHARE = 0.9  # "linear": N workers give at least 90 % of N times one worker
-PASS_THROUGH_CLIENTS = ("httpx", "httpx2", "aiohttp")
 HELD_ROUNDS = 3  # one and two workers held to a share of a core, alternated this often
 
 
@@ -268,7 +268,7 @@ def run_load(spec: LoadSpec) -> LoadResult:
 
 
 def ceiling_app(kind: str, upstream: str, token: str, outbound: list[bytes]) -> Any:
-    state: dict[str, Any] = {}
+    state: dict[str, Forwarder] = {}
     forward_headers = {
         "Authorization": f"Bearer {token}",
         "Amazon-Ads-ClientId": CLIENT_ID,
@@ -277,41 +277,24 @@ def ceiling_app(kind: str, upstream: str, token: str, outbound: list[bytes]) -> 
         "Accept": "application/json",
     }
 
-    # Each pool sized as the relay's is for its dispatcher (64 in flight, plus 8).
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
-        if kind == "httpx":
-            state["client"] = httpx.AsyncClient(limits=httpx.Limits(max_connections=72))
-        elif kind == "httpx2":
-            import httpx2
-
-            state["client"] = httpx2.AsyncClient(limits=httpx2.Limits(max_connections=72))
-        elif kind == "aiohttp":
-            import aiohttp
-
-            state["client"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=72))
+        if kind != "read":
+            # The pool sized as the relay's is for its dispatcher (64 in flight, plus 8).
+            state["client"] = Forwarder(kind, 72)
         yield
-        client = state.get("client")
-        if client is not None:
-            await (client.close() if kind == "aiohttp" else client.aclose())
+        if kind != "read":
+            await state["client"].aclose()
 
     app = FastAPI(lifespan=lifespan)
-
-    async def forward(body: bytes) -> int:
-        client = state["client"]
-        if kind == "aiohttp":
-            async with client.post(upstream, data=body, headers=forward_headers) as answer:
-                await answer.read()
-                return int(answer.status)
-        answer = await client.post(upstream, content=body, headers=forward_headers)
-        return int(answer.status_code)
 
     @app.post("/v2/events")
     async def events(request: Request) -> Response:
         await request.body()
         if kind == "read":
             return Response(status_code=202)
-        status = await forward(body_of(outbound, int(request.headers["x-bench-batch"])))
+        body = body_of(outbound, int(request.headers["x-bench-batch"]))
+        status = await state["client"].post(upstream, body, forward_headers)
         return Response(status_code=202 if status == 207 else 502)
 
     return app
@@ -711,11 +694,9 @@ def run_backend(
     # pass-through client is measured again after the relay, and the faster of its two
     # runs is the ceiling: other load on a shared machine must not lower the bar.
     ceiling("read", "read ceiling")
-    for client in PASS_THROUGH_CLIENTS:
+    for client in CLIENTS:
         ceiling(client, f"pass-through ceiling ({client})")
-    fastest = max(
-        PASS_THROUGH_CLIENTS, key=lambda client: run.phases[f"pass-through ceiling ({client})"].rate
-    )
+    fastest = max(CLIENTS, key=lambda client: run.phases[f"pass-through ceiling ({client})"].rate)
 
     admin = secrets.token_urlsafe(24)
     with database(backend, workdir) as database_url:
