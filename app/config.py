@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     database_url: str = DEFAULT_DATABASE_URL
     encryption_keys: SecretStr | None = None
     admin_token: SecretStr | None = None
+    # When set, GET /metrics asks for it as a bearer token (decision 0024).
+    metrics_token: SecretStr | None = None
     lwa_client_id: str = ""
     lwa_client_secret: SecretStr | None = None
     public_url: str = "http://127.0.0.1:8000"

@@ -36,6 +36,7 @@ def test_defaults() -> None:
     assert settings.admin_token is None
     assert settings.lwa_client_id == ""
     assert settings.lwa_client_secret is None
+    assert settings.metrics_token is None  # /metrics open, not closed to everyone
     assert settings.public_url == "http://127.0.0.1:8000"
     assert settings.redirect_uri == "http://127.0.0.1:8000/oauth/amazon/callback"
     assert (settings.amazon_api_url, settings.lwa_authorize_url, settings.lwa_token_url) == (
@@ -60,6 +61,7 @@ def test_environment_and_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     monkeypatch.setenv("RELAY_AMAZON_API_URL", "http://127.0.0.1:9100/")
     monkeypatch.setenv("RELAY_LWA_TOKEN_URL", "http://127.0.0.1:9100/auth/o2/token")
     monkeypatch.setenv("RELAY_LWA_CLIENT_SECRET", "")  # empty means unset
+    monkeypatch.setenv("RELAY_METRICS_TOKEN", "")  # as docker-compose passes an unset one
     monkeypatch.setenv("RELAY_DATABASE_URL", "postgres://relay:pw@db:5432/relay")
     settings = load_settings(retention_days=3)
     assert settings.admin_token is not None
@@ -79,10 +81,12 @@ def test_repr_shows_no_secret() -> None:
         encryption_keys=KEYS,
         admin_token="admin-token-value",
         lwa_client_secret="lwa-secret-value",
+        metrics_token="metrics-token-value",
         database_url="postgresql+asyncpg://relay:db-password@db/relay",
     )
+    secrets = (KEYS.split(":")[1], "admin-token-value", "lwa-secret-value", "db-password")
     for text in (repr(settings), str(settings)):
-        for secret in (KEYS.split(":")[1], "admin-token-value", "lwa-secret-value", "db-password"):
+        for secret in (*secrets, "metrics-token-value"):
             assert secret not in text
     assert "relay:***@db/relay" in repr(settings)
 

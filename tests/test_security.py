@@ -287,6 +287,31 @@ def test_security_headers_on_every_kind_of_answer(database_url: str, tmp_path: P
         assert len(ids) == len(answers)
 
 
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_metrics_ask_for_the_metrics_token_once_one_is_set(
+    database_url: str, tmp_path: Path
+) -> None:
+    token = "metrics-" + "x" * 32
+    with relay_stack(database_url, tmp_path, metrics_token=token) as stack:
+        scrape = f"{stack.relay_url}/metrics"
+        refused = [
+            httpx.get(scrape),
+            httpx.get(scrape, headers={"Authorization": f"Bearer {token}x"}),
+            httpx.get(scrape, headers={"Authorization": f"Bearer {stack.admin_token}"}),
+            httpx.get(scrape, auth=("metrics", token)),  # Basic is not the scheme
+        ]
+        assert [answer.status_code for answer in refused] == [401] * 4
+        assert refused[0].headers["www-authenticate"] == 'Bearer realm="metrics"'
+        assert refused[0].json()["error"] == "unauthorized"
+        assert "relay_" not in refused[1].text
+        scraped = httpx.get(scrape, headers={"Authorization": f"Bearer {token}"})
+        assert scraped.status_code == 200
+        assert "relay_events_received_total" in scraped.text
+        # The probes stay open: an orchestrator has no token.
+        assert stack.client.get("/healthz").status_code == 200
+        assert stack.client.get("/readyz").status_code == 200
+
+
 def test_repeated_failed_authentication_is_answered_429(database_url: str, tmp_path: Path) -> None:
     with relay_stack(database_url, tmp_path, capture_logs=True) as stack:
         assert stack.logs is not None

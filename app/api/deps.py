@@ -17,7 +17,7 @@ from fastapi.routing import APIRoute
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
-from app.auth import ADMIN_IDENTITY, admin_token_ok
+from app.auth import ADMIN_IDENTITY, token_ok
 from app.errors import PayloadError, RelayError
 from app.runtime import Runtime
 
@@ -232,7 +232,7 @@ SESSION_ADMIN_KEY = "admin"
 def is_admin(request: Request, rt: Runtime) -> bool:
     """The admin bearer token, or a web UI session that logged in with it."""
     expected = rt.settings.admin_token.get_secret_value() if rt.settings.admin_token else None
-    if admin_token_ok(bearer(request), expected):
+    if token_ok(bearer(request), expected):
         return True
     session = request.scope.get("session")
     return bool(expected and isinstance(session, dict) and session.get(SESSION_ADMIN_KEY))

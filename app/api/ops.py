@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from app import metrics
-from app.api.deps import RuntimeDep, transaction
+from app.api.deps import ApiError, RuntimeDep, bearer, transaction
+from app.auth import token_ok
 from app.db import repository as repo
 from app.db import stats
 from app.db.base import utcnow
@@ -31,8 +32,21 @@ async def readyz(rt: RuntimeDep, response: Response) -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def prometheus(rt: RuntimeDep) -> Response:
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    description="Open unless RELAY_METRICS_TOKEN is set; then that token as a bearer token.",
+    response_class=Response,
+)
+async def prometheus(request: Request, rt: RuntimeDep) -> Response:
+    expected = rt.settings.metrics_token
+    if expected is not None and not token_ok(bearer(request), expected.get_secret_value()):
+        raise ApiError(
+            401,
+            "unauthorized",
+            "missing or wrong metrics bearer token (RELAY_METRICS_TOKEN)",
+            headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+        )
     queue = None
     try:
         async with transaction(rt) as session:

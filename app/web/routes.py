@@ -33,7 +33,7 @@ from app import jsonutil
 from app.amazon.settings import MAX_AGE_HOURS, MIN_AGE_HOURS
 from app.api.deps import RuntimeDep, transaction
 from app.api.schemas import ConnectionCreate, OutputCreate, OutputUpdate
-from app.auth import ADMIN_IDENTITY, admin_token_ok, write_key
+from app.auth import ADMIN_IDENTITY, token_ok, write_key
 from app.db import repository as repo
 from app.db import stats
 from app.db.base import utcnow
@@ -286,7 +286,7 @@ async def login(request: Request, rt: RuntimeDep) -> Response:
             error="Too many failed attempts. Wait a minute, then try again.",
             ui_off=False,
         )
-    if not admin_token_ok(form.get("password", ""), rt.settings.admin_token.get_secret_value()):
+    if not token_ok(form.get("password", ""), rt.settings.admin_token.get_secret_value()):
         rt.limiter.failed(client, ADMIN_IDENTITY)
         return render(
             request,
