@@ -276,8 +276,9 @@ def spawn_relay(
 
 
 def worker_of(relay: RelayProcess) -> str:
-    """The name a relay process leases deliveries under (``dispatcher.worker_name``)."""
-    return f"{socket.gethostname()[:40]}:{relay.pid}"
+    """How the name a relay process leases deliveries under begins
+    (``dispatcher.worker_name``: host, pid, then a random part)."""
+    return f"{socket.gethostname()[:40]}:{relay.pid}:"
 
 
 def metric(relay: RelayProcess, name: str) -> float:

@@ -126,6 +126,25 @@ def test_slow_answers_past_the_timeout_are_resent_and_deduped(
         assert_exactly_the_accepted_reached_amazon(stack, accepted | more)
 
 
+def test_an_attempt_ends_by_half_the_lease_whatever_the_http_timeout(
+    database_url: str, tmp_path: Path
+) -> None:
+    # A 2 s lease and a 30 s HTTP timeout: Amazon's answer after 3 s would come within
+    # the timeout but after the lease, when another claim could have sent the batch.
+    # The attempt is cut at 1 s and rescheduled while this process still holds it.
+    with relay_stack(database_url, tmp_path, http_timeout=30.0, delivery_lease_seconds=2) as stack:
+        _, conn = stack.ready_output()
+        stack.fault({"delay": 3, "count": 1})
+        accepted = post_all(stack, conn, batches_of(1, 2))
+        (delivery,) = stack.wait_settled()
+        assert delivery["status"] == "delivered"
+        assert delivery["attempts"] == 2  # with the whole answer awaited, it would be 1
+        slow, resent = sorted(stack.received(), key=lambda r: r["fault"] is None)
+        assert slow["fault"] == {"target": "events", "delay": 3.0}
+        assert slow["body"] == resent["body"]
+        assert_exactly_the_accepted_reached_amazon(stack, accepted)
+
+
 def test_401_refreshes_the_access_token_and_resends(database_url: str, tmp_path: Path) -> None:
     with relay_stack(database_url, tmp_path) as stack:
         output, conn = stack.ready_output()

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import random
+import secrets
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -69,7 +70,11 @@ class DispatcherConfig:
 
 
 def worker_name() -> str:
-    return f"{socket.gethostname()[:40]}:{os.getpid()}"
+    """Who holds a lease: host, pid and a random part. In containers every relay is
+    pid 1, and a hostname cut to fit can lose the part that tells replicas apart
+    (Kubernetes ends pod names with it), so host and pid alone could name two processes
+    alike, and one's release would hand back the other's deliveries."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 class Dispatcher:
@@ -267,18 +272,37 @@ class Dispatcher:
         return (now - delivery.queued_at).total_seconds() > self._config.max_age_seconds
 
     async def _deliver(self, delivery: Delivery, output: Output) -> None:
+        # An attempt (token, send, and the one refresh and resend after a 401) ends by
+        # half the lease, and writing its outcome may take the other half
+        # (_record_while_leased). Unbounded, a slow answer plus a refresh plus a resend
+        # could outlast the lease: another claim would then send the batch while this
+        # one still waits, and this one's outcome would overwrite the other's.
+        budget = self._config.lease_seconds / 2
+        try:
+            async with asyncio.timeout(budget):
+                exchanged = await self._exchange(delivery, output)
+        except TimeoutError:
+            error = f"no answer within {budget:g} s (half the delivery lease)"
+            await self._retry(delivery, None, None, error=error)
+            return
+        if exchanged is not None:
+            await self._record_while_leased(delivery, *exchanged)
+
+    async def _exchange(self, delivery: Delivery, output: Output) -> tuple[Answer, Reading] | None:
+        """Amazon's answer to this attempt and its reading; None if the attempt ended
+        before an answer worth recording (handed back, or rescheduled)."""
         try:
             token = await self._tokens.access_token(output.id, output.region)
         except lwa.InvalidGrantError:
             # The output is needs_reauth now: hand the delivery back uncounted; it waits.
             await self._release(delivery, "reauth")
-            return
+            return None
         except NotLoggedInError:
             await self._release(delivery, "reauth")
-            return
+            return None
         except lwa.LwaError as error:
             await self._retry(delivery, None, None, error=f"token refresh failed: {error}")
-            return
+            return None
         answer = await self._send(delivery, output, token)
         reading = read_answer(answer.status, answer.body, answer.retry_after, delivery.index_map)
         if reading.verdict is Verdict.REFRESH:
@@ -287,10 +311,10 @@ class Dispatcher:
                 token = await self._tokens.access_token(output.id, output.region, stale=token)
             except lwa.InvalidGrantError:
                 await self._release(delivery, "reauth")
-                return
+                return None
             except (lwa.LwaError, NotLoggedInError) as error:
                 await self._retry(delivery, 401, None, error=f"token refresh failed: {error}")
-                return
+                return None
             answer = await self._send(delivery, output, token)
             reading = read_answer(
                 answer.status, answer.body, answer.retry_after, delivery.index_map
@@ -301,7 +325,7 @@ class Dispatcher:
                     pending_positions=list(range(delivery.event_count)),
                     error="401 after a fresh token",
                 )
-        await self._record_while_leased(delivery, answer, reading)
+        return answer, reading
 
     async def _send(self, delivery: Delivery, output: Output, token: SecretText) -> Answer:
         return await send_events(
@@ -472,21 +496,7 @@ class Dispatcher:
         half = len(events) // 2
         now = self._clock()
         async with self._sessionmaker() as session, session.begin():
-            await repo.insert_deliveries(
-                session,
-                [
-                    repo.NewDelivery(
-                        output_id=delivery.output_id,
-                        source=delivery.source,
-                        body=orjson.dumps({"events": events[half:]}),
-                        index_map=delivery.index_map[half:],
-                        connection_id=delivery.connection_id,
-                    )
-                ],
-                now=now,
-                batch_id=delivery.batch_id,
-            )
-            await repo.reschedule(
+            held = await repo.reschedule(
                 session,
                 delivery.id,
                 worker_id=self.worker_id,
@@ -497,7 +507,24 @@ class Dispatcher:
                 body=orjson.dumps({"events": events[:half]}),
                 index_map=delivery.index_map[:half],
             )
-        metrics.DELIVERIES.labels(outcome="split").inc()
+            # Only while this process holds the lease: a process that lost it must not
+            # queue a second half next to the one the new holder may queue.
+            if held:
+                await repo.insert_deliveries(
+                    session,
+                    [
+                        repo.NewDelivery(
+                            output_id=delivery.output_id,
+                            source=delivery.source,
+                            body=orjson.dumps({"events": events[half:]}),
+                            index_map=delivery.index_map[half:],
+                            connection_id=delivery.connection_id,
+                        )
+                    ],
+                    now=now,
+                    batch_id=delivery.batch_id,
+                )
+        metrics.DELIVERIES.labels(outcome="split" if held else "lost_lease").inc()
         self.wake()
 
 
