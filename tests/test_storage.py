@@ -772,6 +772,59 @@ async def test_delivery_state_transitions(session: AsyncSession) -> None:
     assert counts["delivered"] == 0
 
 
+async def test_a_delivery_given_up_keeps_its_last_results_and_what_is_left_to_send(
+    session: AsyncSession,
+) -> None:
+    output = await _output(session)
+    (delivery_id,) = await repo.insert_deliveries(
+        session,
+        [
+            repo.NewDelivery(
+                output_id=output.id,
+                source="mparticle",
+                body=b'{"events": [0, 1, 2]}',
+                index_map=[4, 5, 6],
+            )
+        ],
+        now=T0,
+    )
+    await session.commit()
+    await repo.claim_due(session, "w", 1, T0, 60)
+    # A 207 with one event throttled, after RELAY_DELIVERY_MAX_AGE: given up.
+    results = [
+        {"index": 4, "status": "ok"},
+        {"index": 5, "status": "error", "code": "TOO_MANY_REQUESTS"},
+        {"index": 6, "status": "ok"},
+    ]
+    assert await repo.mark_dead(
+        session,
+        delivery_id,
+        now=T0,
+        worker_id="w",
+        status_code=207,
+        error="too old",
+        results=results,
+        body=b'{"events": [1]}',
+        index_map=[5],
+    )
+    await session.commit()
+    session.expunge_all()
+    (dead,) = await repo.get_deliveries(session, [delivery_id])
+    assert (dead.status, dead.results, dead.index_map, dead.event_count) == (
+        "dead",
+        results,
+        [5],
+        1,
+    )
+    assert dead.body == b'{"events": [1]}'
+    # The admin's retry sends only the event that had no final outcome.
+    again = await repo.retry(session, delivery_id, now=T0)
+    assert again is not None
+    assert (again.status, again.body, again.index_map) == ("pending", b'{"events": [1]}', [5])
+    with pytest.raises(ValueError, match="index_map"):
+        await repo.mark_dead(session, delivery_id, now=T0, body=b"{}")
+
+
 async def test_prune_in_batches(session: AsyncSession) -> None:
     output = await _output(session)
     ids = await repo.insert_deliveries(session, _new(output.id, 7), now=T0)

@@ -882,11 +882,19 @@ async def reschedule(
         "status": DeliveryStatus.PENDING,
         "next_attempt_at": next_attempt_at,
     }
-    if body is not None:
-        if index_map is None:
-            raise ValueError("a new body needs its index_map")
-        values |= {"body": body, "index_map": list(index_map), "event_count": len(index_map)}
-    return await update_held(session, delivery_id, worker_id, values)
+    return await update_held(session, delivery_id, worker_id, _request(values, body, index_map))
+
+
+def _request(
+    values: dict[str, Any], body: bytes | None, index_map: Sequence[int] | None
+) -> dict[str, Any]:
+    """``values`` and, if given, the request that replaces the delivery's: the events
+    still without a final outcome."""
+    if body is None:
+        return values
+    if index_map is None:
+        raise ValueError("a new body needs its index_map")
+    return values | {"body": body, "index_map": list(index_map), "event_count": len(index_map)}
 
 
 async def mark_dead(
@@ -897,19 +905,24 @@ async def mark_dead(
     worker_id: str | None = None,
     status_code: int | None = None,
     error: str | None = None,
+    results: Sequence[Any] | None = None,
+    body: bytes | None = None,
+    index_map: Sequence[int] | None = None,
 ) -> bool:
     """Give up (RELAY_DELIVERY_MAX_AGE passed); kept, listed and retryable by the admin.
 
     With ``worker_id``: the delivery it holds. Without: a pending one (an age sweep never
-    takes a delivery from a process that holds it).
+    takes a delivery from a process that holds it). ``results``, ``body`` and
+    ``index_map`` as for ``reschedule``: the last attempt's per-event outcomes are kept,
+    and an admin's retry sends only the events that had none.
     """
     where = (
         _held_by(delivery_id, worker_id)
         if worker_id is not None
         else and_(Delivery.id == delivery_id, Delivery.status == DeliveryStatus.PENDING)
     )
-    values = _outcome(now, status_code, error, None) | {"status": DeliveryStatus.DEAD}
-    return await _update(session, where, values)
+    values = _outcome(now, status_code, error, results) | {"status": DeliveryStatus.DEAD}
+    return await _update(session, where, _request(values, body, index_map))
 
 
 async def release(

@@ -446,6 +446,9 @@ class Dispatcher:
                     worker_id=self.worker_id,
                     status_code=status_code,
                     error=error,
+                    results=results,
+                    body=body,
+                    index_map=index_map,
                 )
                 outcome = "dead"
             else:
