@@ -47,6 +47,16 @@ async def queued(sessionmaker: async_sessionmaker[AsyncSession], events: int) ->
         return str(delivery_id)
 
 
+async def claimed(
+    sessionmaker: async_sessionmaker[AsyncSession], worker_id: str, now: datetime
+) -> Delivery:
+    """The one due delivery, claimed by ``worker_id`` at ``now``."""
+    async with sessionmaker() as session:
+        (delivery,) = await repo.claim_due(session, worker_id, 1, now, LEASE)
+        await session.commit()
+        return delivery
+
+
 async def rows(sessionmaker: async_sessionmaker[AsyncSession]) -> list[Delivery]:
     async with sessionmaker() as session:
         found = list(await repo.list_deliveries(session, limit=10))
@@ -59,19 +69,14 @@ async def test_only_the_lease_holder_splits(
     sessionmaker: async_sessionmaker[AsyncSession],
 ) -> None:
     delivery_id = await queued(sessionmaker, 4)
-    async with sessionmaker() as session:
-        (first,) = await repo.claim_due(session, "first", 1, T0, LEASE)
-        await session.commit()
+    first = await claimed(sessionmaker, "first", T0)
     # The first holder's lease ran out, and a second process claimed the delivery.
     later = T0 + timedelta(seconds=LEASE + 1)
-    async with sessionmaker() as session:
-        (second,) = await repo.claim_due(session, "second", 1, later, LEASE)
-        await session.commit()
+    second = await claimed(sessionmaker, "second", later)
 
     await dispatcher(sessionmaker, "first", later)._split(first)
-    assert [(d.id, d.event_count) for d in await rows(sessionmaker)] == [
-        (delivery_id, 4)
-    ]  # untouched
+    untouched = [(delivery_id, 4)]
+    assert [(d.id, d.event_count) for d in await rows(sessionmaker)] == untouched
 
     await dispatcher(sessionmaker, "second", later)._split(second)
     halves = {d.id: d for d in await rows(sessionmaker)}
@@ -86,15 +91,13 @@ async def test_a_delivery_given_up_after_a_207_keeps_what_amazon_said(
     sessionmaker: async_sessionmaker[AsyncSession],
 ) -> None:
     delivery_id = await queued(sessionmaker, 3)
-    async with sessionmaker() as session:
-        (claimed,) = await repo.claim_due(session, "w", 1, T0, LEASE)
-        await session.commit()
+    held = await claimed(sessionmaker, "w", T0)
     # Amazon accepted events 0 and 2 and throttled 1, after RELAY_DELIVERY_MAX_AGE.
     too_late = T0 + timedelta(seconds=MAX_AGE + 1)
     reading = Reading(Verdict.RETRY, pending_positions=[1], error="throttled")
     said = [{"index": 0, "status": "ok"}, {"index": 2, "status": "ok"}]
     await dispatcher(sessionmaker, "w", too_late)._retry(
-        claimed, 207, reading, results=said, error="throttled"
+        held, 207, reading, results=said, error="throttled"
     )
     (dead,) = await rows(sessionmaker)
     assert (dead.id, dead.status, dead.last_status_code) == (delivery_id, "dead", 207)
